@@ -1,0 +1,584 @@
+"""Train Trajectory Diffuser on a D4RL dataset: the glue between data.py and the three components.
+
+Huang et al., "Diffusion Models as Optimizers for Efficient Planning in Offline RL", ECCV 2024
+(arXiv 2407.16142). One training step updates four networks, each with its own loss and optimizer:
+  - transformer.TrajectoryTransformer: next state + next return-to-go MSE on windows of C + H - 1 steps;
+  - diffusion.GaussianDiffusion: epsilon-MSE on state windows of H steps, condition dropped with p = 0.5;
+  - inverse_dynamics.InverseDynamics: masked action MSE on (s_t, s_t+1);
+  - inverse_dynamics.Critic (optional): Monte-Carlo return-to-go regression, to rank candidate plans.
+
+    python train.py --env halfcheetah-medium-sb3            # offline quickstart on the bundled data
+    python train.py --env halfcheetah-medium-v2             # official sizes, needs the D4RL file
+    torchrun --nproc_per_node=2 train.py --env ... --device cpu   # DistributedDataParallel
+    python train.py --help                                  # every Config field is a flag
+
+A run directory (--out) holds checkpoint.pt (everything needed to resume and to act), config.json,
+metrics.jsonl and curves.png. Tests: python -m pytest test_all.py -k train
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import os
+import platform
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+FORMAT_VERSION = 1  # bump when the checkpoint layout changes; older files are refused with a clear message
+
+
+class UsageError(Exception):
+    """A problem with the user's request (flags, run directory, checkpoint): printed as one line."""
+
+
+def _f(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+# ----------------------------------------------------------------------------------------------------
+# Configuration. Defaults are the official values for halfcheetah-medium-v2 (DESIGN.md); the per-env
+# table below overrides the planning settings per dataset; explicit flags override both.
+# ----------------------------------------------------------------------------------------------------
+@dataclass
+class Config:
+    env: str = _f("halfcheetah-medium-v2", "dataset name (python data.py --list shows all)")
+    dataset: str = _f("", "path to a D4RL-layout hdf5 file; empty = bundled file, D4RL cache, or download")
+    out: str = _f("", "run directory; empty = runs/<env>-s<seed>")
+    resume: bool = _f(False, "continue the run in --out from its checkpoint.pt")
+    seed: int = _f(0, "seed for python, numpy, torch and the data order")
+    device: str = _f("auto", "auto|cpu|cuda|mps; auto picks cuda, then mps, then cpu")
+    threads: int = _f(0, "torch CPU threads; 0 = the cores available to this process (per rank)")
+    debug: bool = _f(False, "show Python tracebacks instead of one-line errors")
+    # --- training (official: 1M iterations at batch 32) ---
+    steps: int = _f(1_000_000, "training iterations (official 1M)")
+    batch_size: int = _f(32, "windows per step (official 32)")
+    lr: float = _f(2e-4, "learning rate (official: 2e-4 locomotion, 1e-4 Adroit/Kitchen)")
+    lr_decay_steps: int = _f(100_000, "lr decays linearly to lr_final_frac over this many steps (official 100k)")
+    lr_final_frac: float = _f(0.01, "final lr as a fraction of lr (official 1%)")
+    weight_decay: float = _f(1e-4, "AdamW weight decay of the denoiser (official 1e-4; others use Adam)")
+    ema_decay: float = _f(0.995, "EMA decay of the denoiser (official 0.995)")
+    ema_every: int = _f(2, "EMA update period in steps (official 2)")
+    ema_start: int = _f(10_000, "before this step the EMA is a plain copy (official 10k)")
+    grad_clip: float = _f(0.0, "max gradient norm per model; 0 = off (official: off)")
+    log_every: int = _f(100, "steps between metrics.jsonl lines")
+    save_every: int = _f(10_000, "steps between checkpoints (one is always written at the end)")
+    eval_every: int = _f(0, "steps between evaluations during training; 0 = only at the end")
+    eval_episodes: int = _f(10, "evaluation episodes at the end (official 10); 0 skips evaluation")
+    eval_seed: int = _f(100, "first evaluation episode's env seed (episodes use eval_seed + i)")
+    batch_envs: int = _f(10, "environments planned together in one batched call during evaluation")
+    amp: bool = _f(False, "bf16 autocast for the training forward passes (CUDA only)")
+    # --- data ---
+    rtg_scale: float = _f(1000.0, "returns-to-go are divided by this (official 1000)")
+    discount: float = _f(1.0, "return-to-go discount (official: undiscounted; its --gamma is unused)")
+    # --- planning (per-env table) ---
+    horizon: int = _f(8, "H, planned states per decision (official halfcheetah 8)")
+    context: int = _f(0, "C, history tokens the transformer sees; 0 = H - 1 (the official context length)")
+    refine_steps: int = _f(5, "k, diffusion steps that refine the transformer plan (official halfcheetah 5)")
+    guidance: float = _f(1.1, "classifier-free guidance weight w (official halfcheetah 1.1)")
+    target_return: float = _f(5300.0, "episode return the planner conditions on (official halfcheetah-medium 5300)")
+    rtg_floor: float = _f(1 / 3, "the decremented target never drops below this fraction of its start (official)")
+    n_candidates: int = _f(32, "plans per decision, ranked by the critic (official 32)")
+    critic_temperature: float = _f(1.0, "softmax temperature over critic values; 0 = argmax (official 1)")
+    refine_noise: bool = _f(True, "noise the plan to level k before refining; --no-refine-noise = official")
+    # --- models (official sizes) ---
+    tf_half_dim: int = _f(256, "transformer token half width: state and rtg each embed to this (official 256)")
+    tf_layers: int = _f(4, "transformer layers (official 4)")
+    tf_heads: int = _f(4, "transformer heads (official 4)")
+    tf_ffn: int = _f(512, "transformer feed-forward width (official 512)")
+    tf_dropout: float = _f(0.1, "transformer dropout (official 0.1)")
+    causal: bool = _f(True, "causal attention mask; --no-causal reproduces the official bug (ablation)")
+    unet_dim: int = _f(64, "U-Net base channels (official 64)")
+    unet_mults: str = _f("1,2,4,8", "U-Net channel multipliers per level (official 1,2,4,8)")
+    n_timesteps: int = _f(100, "diffusion steps T (official 100)")
+    schedule: str = _f("cosine", "cosine (full schedule, alpha_bar_T ~ 0) or linear (official 1e-3..2e-2)")
+    cond_drop_prob: float = _f(0.5, "probability of dropping the return condition (official 0.5)")
+    invdyn_hidden: int = _f(256, "inverse-dynamics MLP width (official 256)")
+    critic_hidden: int = _f(128, "critic MLP width (official 128)")
+    use_critic: bool = _f(True, "train the candidate critic (official: yes)")
+
+
+# One table of per-dataset settings. Official rows come from the official main.py (DESIGN.md);
+# names the official table lacks take their family's medium (or partial) settings, as documented.
+_LOCO = {  # env: (H, k, w, {quality: target return})
+    "halfcheetah": (8, 5, 1.1, {"medium-expert": 12000, "medium-replay": 5300, "medium": 5300}),
+    "hopper": (16, 5, 1.2, {"medium-expert": 3600, "medium-replay": 3100, "medium": 3100}),
+    "walker2d": (32, 5, 1.1, {"medium-expert": 5100, "medium-replay": 4200, "medium": 4200}),
+}
+_ADROIT = {"pen": (16, 2, 1.3, 6000), "door": (32, 5, 1.2, 1500),
+           "hammer": (32, 5, 1.2, 17000), "relocate": (32, 5, 1.2, 4000)}
+
+
+def _build_env_table() -> dict[str, dict]:
+    table = {}
+    for env, (h, k, w, targets) in _LOCO.items():
+        # random and expert are not in the official table: they take medium's H, k, w; expert conditions
+        # on medium-expert's target (its data reach it), random on medium's (above all of its data).
+        targets = dict(targets, expert=targets["medium-expert"], random=targets["medium"])
+        for quality, target in targets.items():
+            table[f"{env}-{quality}-v2"] = dict(horizon=h, refine_steps=k, guidance=w, target_return=target, lr=2e-4)
+    for task, (h, k, w, target) in _ADROIT.items():
+        for quality in ("human", "cloned", "expert"):
+            table[f"{task}-{quality}-v1"] = dict(horizon=h, refine_steps=k, guidance=w, target_return=target, lr=1e-4)
+    for name, target in (("partial", 500), ("mixed", 400), ("complete", 500)):  # complete takes partial's
+        table[f"kitchen-{name}-v0"] = dict(horizon=32, refine_steps=5, guidance=1.2, target_return=target, lr=1e-4)
+    # The bundled stand-in: halfcheetah-medium's planning settings (H, k, w), a target at the data's best
+    # episode (4785; the official 5300 lies above every episode of this file), and CPU-sized models and
+    # budget so that training plus a 10-episode evaluation finishes in under 20 minutes on 2 CPU cores.
+    table["halfcheetah-medium-sb3"] = dict(
+        horizon=8, refine_steps=5, guidance=1.1, target_return=4800, lr=5e-4,
+        steps=12_000, lr_decay_steps=12_000, ema_start=1_000, save_every=2_000, batch_size=64,
+        tf_half_dim=64, tf_ffn=256, tf_layers=3, unet_dim=32, invdyn_hidden=256, n_candidates=1, use_critic=False)
+    return table
+
+
+ENV_TABLE = _build_env_table()
+
+
+def config_fields() -> list[dataclasses.Field]:
+    return list(dataclasses.fields(Config))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Flags are built from the Config fields; their defaults are SUPPRESSed so that we know which were given."""
+    p = argparse.ArgumentParser(description="Train Trajectory Diffuser.", argument_default=argparse.SUPPRESS)
+    for f in config_fields():
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=f"{f.metadata['help']} (default {f.default})")
+        else:
+            typ = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
+            p.add_argument(flag, type=typ, metavar=f.name.upper(), help=f"{f.metadata['help']} (default {f.default})")
+    return p
+
+
+def resolve_config(given: dict) -> Config:
+    """Config defaults < the env's table row < flags given on the command line."""
+    env = given.get("env", Config.env)
+    cfg = Config(**{**ENV_TABLE.get(env, {}), **given})
+    if cfg.context <= 0:
+        cfg.context = cfg.horizon - 1
+    if not cfg.out:
+        cfg.out = os.path.join("runs", f"{cfg.env}-s{cfg.seed}")
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------------
+# Devices, threads, seeds
+# ----------------------------------------------------------------------------------------------------
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for, but this machine has no CUDA device; use --device cpu or auto")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UsageError("--device mps was asked for, but MPS is not available here; use --device cpu or auto")
+    if name not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"unknown --device {name!r}; choose auto, cpu, cuda or mps")
+    return torch.device(name)
+
+
+def set_threads(threads: int = 0, world_size: int = 1) -> int:
+    """Match torch's CPU pool to the cores this process may use. An oversubscribed pool (more threads than
+    free cores, e.g. two ranks each taking every core) was measured to slow a U-Net pass 100x."""
+    if threads <= 0:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        threads = max(1, cores // max(1, world_size))
+    torch.set_num_threads(threads)
+    return threads
+
+
+def set_seed(seed: int) -> None:
+    """One seed for python, numpy and torch (CPU and CUDA). Environments are seeded per episode by the
+    evaluator (eval_seed + i). CPU runs are bit-reproducible; CUDA kernels may not be (atomics, cuDNN)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state(data_gen: torch.Generator) -> dict:
+    """Every RNG, in a form torch.load(weights_only=True) accepts (tensors, ints, floats, tuples)."""
+    np_name, np_key, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    py_version, py_state, py_gauss = random.getstate()
+    state = {"python": (py_version, torch.tensor(py_state, dtype=torch.int64), py_gauss),
+             "numpy": (torch.from_numpy(np_key.astype(np.int64)), int(np_pos), int(np_has_gauss), float(np_gauss)),
+             "torch": torch.get_rng_state(), "data": data_gen.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict, data_gen: torch.Generator) -> None:
+    py_version, py_state, py_gauss = state["python"]
+    random.setstate((py_version, tuple(int(x) for x in py_state.tolist()), py_gauss))
+    key, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state(("MT19937", key.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    data_gen.set_state(state["data"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------------
+def build_models(cfg: Config, state_dim: int, action_dim: int) -> dict[str, nn.Module]:
+    """The four networks plus the EMA denoiser, on the CPU; callers move them."""
+    from diffusion import GaussianDiffusion, TemporalUnet
+    from inverse_dynamics import Critic, InverseDynamics
+    from transformer import TrajectoryTransformer
+
+    mults = tuple(int(m) for m in str(cfg.unet_mults).split(","))
+    unet = TemporalUnet(state_dim, dim=cfg.unet_dim, dim_mults=mults, horizon=cfg.horizon)
+    diffusion = GaussianDiffusion(unet, cfg.horizon, state_dim, n_timesteps=cfg.n_timesteps,
+                                  schedule=cfg.schedule, cond_drop_prob=cfg.cond_drop_prob)
+    models = {
+        "transformer": TrajectoryTransformer(state_dim, half_dim=cfg.tf_half_dim, n_layer=cfg.tf_layers,
+                                             n_head=cfg.tf_heads, ffn_dim=cfg.tf_ffn, dropout=cfg.tf_dropout,
+                                             max_len=cfg.context + cfg.horizon - 1, causal=cfg.causal),
+        "diffusion": diffusion,
+        "ema": copy.deepcopy(diffusion).requires_grad_(False),
+        "invdyn": InverseDynamics(state_dim, action_dim, hidden=cfg.invdyn_hidden),
+    }
+    if cfg.use_critic:
+        models["critic"] = Critic(state_dim, action_dim, hidden=cfg.critic_hidden)
+    return models
+
+
+def n_params(m: nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+class _LossOf(nn.Module):
+    """Makes a model's .loss the forward pass, so that DistributedDataParallel (which hooks forward) can
+    wrap it. It owns no parameters of its own: the state_dict saved is always the bare model's."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args):
+        return self.model.loss(*args)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints: atomic (temp file, fsync, rename) and loadable with weights_only=True
+# ----------------------------------------------------------------------------------------------------
+def versions() -> dict:
+    return {"torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version(),
+            "format": FORMAT_VERSION}
+
+
+def atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        write(fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(path: Path, cfg: Config, step: int, models, optims, scheds, normalizer, data_gen, dims) -> None:
+    ckpt = {
+        "format_version": FORMAT_VERSION, "config": dataclasses.asdict(cfg), "step": step, "dims": dims,
+        "models": {k: m.state_dict() for k, m in models.items()},
+        "optimizers": {k: o.state_dict() for k, o in optims.items()},
+        "schedulers": {k: s.state_dict() for k, s in scheds.items()},
+        "normalizer": normalizer.state_dict(), "rng": rng_state(data_gen), "versions": versions(),
+    }
+    atomic_write(path, lambda fh: torch.save(ckpt, fh))
+
+
+def load_checkpoint(path, map_location="cpu") -> dict:
+    """Safe load (weights_only=True: a file from someone else cannot run code) with one-line errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"checkpoint {path} does not exist; train one with python train.py --out DIR "
+                         f"(it writes DIR/checkpoint.pt)")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means the same thing to the user
+        raise UsageError(f"checkpoint {path} could not be read ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                         f"is it a train.py checkpoint?") from e
+    version = ckpt.get("format_version") if isinstance(ckpt, dict) else None
+    if version != FORMAT_VERSION:
+        raise UsageError(f"checkpoint {path} has format version {version}, this code reads version "
+                         f"{FORMAT_VERSION}; retrain it, or use the project version that wrote it")
+    return ckpt
+
+
+def config_from_checkpoint(ckpt: dict) -> Config:
+    known = {f.name for f in config_fields()}
+    return Config(**{k: v for k, v in ckpt["config"].items() if k in known})
+
+
+# ----------------------------------------------------------------------------------------------------
+# Run directory guard
+# ----------------------------------------------------------------------------------------------------
+def check_run_dir(cfg: Config) -> Path:
+    out = Path(cfg.out)
+    ckpt, conf = out / "checkpoint.pt", out / "config.json"
+    if cfg.resume:
+        if not ckpt.is_file():
+            raise UsageError(f"--resume: {ckpt} does not exist; start a new run without --resume")
+        return out
+    if ckpt.exists() or conf.exists():
+        try:
+            old_env = json.loads(conf.read_text()).get("env") if conf.exists() else "?"
+        except (OSError, ValueError):
+            old_env = "?"
+        raise UsageError(f"--out {out} already holds a run (env {old_env}); pass --resume to continue it, "
+                         f"or choose another --out (nothing was overwritten)")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------
+def lr_lambda(cfg: Config):
+    """Official: linear decay from lr to lr_final_frac * lr over lr_decay_steps, then constant."""
+    def f(step: int) -> float:
+        frac = min(step, cfg.lr_decay_steps) / max(1, cfg.lr_decay_steps)
+        return 1.0 - (1.0 - cfg.lr_final_frac) * frac
+    return f
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, step: int, cfg: Config) -> None:
+    """Official EMA: a plain copy before ema_start, then ema = d * ema + (1 - d) * model every ema_every steps.
+    Buffers (the noise schedule) are shared constants and are copied."""
+    if step % cfg.ema_every != 0:
+        return
+    if step < cfg.ema_start:
+        ema.load_state_dict(model.state_dict())
+        return
+    for pe, pm in zip(ema.parameters(), model.parameters()):
+        pe.lerp_(pm, 1.0 - cfg.ema_decay)
+
+
+def train_step(batch_L: dict, batch_H: dict, losses_of: dict, optims: dict, scheds: dict, cfg: Config, amp) -> dict:
+    """One step updates every model with its own loss and optimizer.
+    batch_L: transformer windows (B, C+H-1, .); batch_H: denoiser / inverse-dynamics / critic windows (B, H, .)."""
+    out = {}
+    terms = {
+        "transformer": lambda: losses_of["transformer"](batch_L["states"], batch_L["rtg"], batch_L["mask"]),
+        # the denoiser conditions on the return-to-go at the window's first state (its current state)
+        "diffusion": lambda: losses_of["diffusion"](batch_H["states"], batch_H["rtg"][:, 0]),
+        "invdyn": lambda: losses_of["invdyn"](batch_H["states"], batch_H["next_states"], batch_H["actions"],
+                                              batch_H["mask"] * batch_H.get("next_mask", batch_H["mask"])),
+        "critic": lambda: losses_of["critic"](batch_H["states"], batch_H["actions"], batch_H["rtg"][..., 0],
+                                              batch_H["mask"]),
+    }
+    for name, opt in optims.items():
+        with amp():
+            loss = terms[name]()
+        if isinstance(loss, tuple):
+            loss = loss[0]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(losses_of[name].parameters(), cfg.grad_clip)
+        opt.step()
+        scheds[name].step()
+        out[name] = loss.detach()
+    return out
+
+
+def evaluate_run(cfg: Config, models: dict, normalizer, device, dims, episodes: int, step: int, log) -> dict:
+    import plan
+    planner = plan.Planner(cfg, models, normalizer, device, dims)
+    res = plan.evaluate(planner, cfg.env, episodes, seed=cfg.eval_seed, batch_envs=cfg.batch_envs)
+    print(f"[eval step {step}] {plan.format_result(res)}")
+    log({"step": step, "eval": res})
+    return res
+
+
+def main(argv=None) -> int:
+    given = vars(build_parser().parse_args(argv))
+    debug = given.get("debug", False)
+    try:
+        train(given)
+    except Exception as e:  # noqa: BLE001
+        from data import DataError
+        if debug or not isinstance(e, (UsageError, DataError)):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def train(given: dict) -> Path:
+    import data as D
+    from tqdm import tqdm
+
+    # --- distributed (torchrun sets these) ---
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    cfg = resolve_config(given)
+    D.get_info(cfg.env)  # unknown names fail here, before anything is written
+    device = pick_device(cfg.device)
+    if world > 1:
+        import torch.distributed as dist
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if device.type == "cuda":
+            torch.cuda.set_device(local)
+            device = torch.device("cuda", local)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    threads = set_threads(cfg.threads, world if device.type == "cpu" else 1)
+    out = check_run_dir(cfg)
+
+    # --- resume: the checkpoint's config wins, except the budget and bookkeeping flags given now ---
+    ckpt = None
+    if cfg.resume:
+        ckpt = load_checkpoint(out / "checkpoint.pt")
+        old = config_from_checkpoint(ckpt)
+        if old.env != cfg.env:
+            raise UsageError(f"--resume: {out}/checkpoint.pt was trained on {old.env}, not {cfg.env}; "
+                             f"use --env {old.env} or another --out")
+        keep = {"steps", "resume", "device", "threads", "debug", "eval_episodes", "eval_every", "save_every",
+                "log_every", "batch_envs", "out"}
+        cfg = dataclasses.replace(old, **{k: v for k, v in dataclasses.asdict(cfg).items() if k in keep})
+
+    set_seed(cfg.seed + rank)
+    data = D.load(cfg.env, cfg.dataset or None, rtg_scale=cfg.rtg_scale, discount=cfg.discount)
+    S, A = data.observations.shape[1], data.actions.shape[1]
+    dims = {"state_dim": S, "action_dim": A}
+    sampler_L = D.WindowSampler(data, cfg.context + cfg.horizon - 1, device=device)
+    sampler_H = D.WindowSampler(data, cfg.horizon, device=device)
+    data_gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)  # each rank draws different windows
+
+    models = build_models(cfg, S, A)
+    for m in models.values():
+        m.to(device)
+    trained = [k for k in models if k != "ema"]
+    optims = {k: (torch.optim.AdamW(models[k].parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+                  if k == "diffusion" else torch.optim.Adam(models[k].parameters(), lr=cfg.lr)) for k in trained}
+    scheds = {k: torch.optim.lr_scheduler.LambdaLR(o, lr_lambda(cfg)) for k, o in optims.items()}
+    step = 0
+    if ckpt is not None:
+        for k, m in models.items():
+            m.load_state_dict(ckpt["models"][k], strict=True)
+        for k in trained:
+            optims[k].load_state_dict(ckpt["optimizers"][k])
+            scheds[k].load_state_dict(ckpt["schedulers"][k])
+        set_rng_state(ckpt["rng"], data_gen)
+        step = ckpt["step"]
+        data.normalizer = D.Normalizer.from_state_dict(ckpt["normalizer"])
+
+    losses_of = {k: _LossOf(models[k]) for k in trained}
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        ids = [device.index] if device.type == "cuda" else None
+        losses_of = {k: DDP(m, device_ids=ids) for k, m in losses_of.items()}
+    amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if (cfg.amp and device.type == "cuda") \
+        else (lambda: torch.autocast("cpu", enabled=False))
+
+    main_rank = rank == 0
+    if main_rank:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+        print(data.summary())
+        print(f"device {device} ({threads} CPU threads), world size {world}, "
+              f"windows: {len(sampler_L)} of {sampler_L.length}, {len(sampler_H)} of {sampler_H.length}")
+        for k, m in models.items():
+            if k != "ema":
+                print(f"  {k:12s} {n_params(m) / 1e6:7.3f} M parameters")
+        print("config:", json.dumps(dataclasses.asdict(cfg)))
+        if step:
+            print(f"resuming from step {step}")
+
+    metrics_path = out / "metrics.jsonl"
+
+    def log(row: dict) -> None:
+        if main_rank:
+            with open(metrics_path, "a") as fh:
+                fh.write(json.dumps(row) + "\n")
+
+    def save() -> None:
+        if main_rank:
+            save_checkpoint(out / "checkpoint.pt", cfg, step, models, optims, scheds, data.normalizer, data_gen, dims)
+
+    for m in models.values():
+        m.train()
+    bar = tqdm(total=cfg.steps, initial=step, disable=not main_rank, dynamic_ncols=True, desc="train")
+    t0, s0, acc = time.time(), step, {}
+    while step < cfg.steps:
+        batch_L = sampler_L.sample(cfg.batch_size, data_gen)
+        batch_H = sampler_H.sample(cfg.batch_size, data_gen)
+        losses = train_step(batch_L, batch_H, losses_of, optims, scheds, cfg, amp)
+        step += 1
+        ema_update(models["ema"], models["diffusion"], step, cfg)
+        for k, v in losses.items():
+            acc[k] = acc.get(k, 0.0) + v
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            n = step - s0 if step % cfg.log_every else cfg.log_every
+            row = {k: float(v) / max(1, n) for k, v in acc.items()}
+            acc = {}
+            ips = (step - s0) / max(1e-9, time.time() - t0)
+            if not all(math.isfinite(v) for v in row.values()):
+                save()
+                raise UsageError(f"a loss became non-finite at step {step} ({row}); lower --lr or check the data")
+            bar.set_postfix({k[:4]: f"{v:.3g}" for k, v in row.items()} | {"it/s": f"{ips:.0f}"})
+            log({"step": step, "loss": row, "lr": scheds["diffusion"].get_last_lr()[0], "it_per_s": ips})
+        bar.update(1)
+        if step % cfg.save_every == 0 and step < cfg.steps:
+            save()
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps and main_rank and cfg.eval_episodes:
+            evaluate_run(cfg, models, data.normalizer, device, dims, cfg.eval_episodes, step, log)
+            for m in models.values():
+                m.train()
+    bar.close()
+    save()
+    if main_rank and cfg.eval_episodes > 0:
+        evaluate_run(cfg, models, data.normalizer, device, dims, cfg.eval_episodes, step, log)
+    if main_rank:
+        plot_curves(metrics_path, out / "curves.png")
+        print(f"run directory: {out}  (python plan.py --checkpoint {out / 'checkpoint.pt'})")
+    if world > 1:
+        import torch.distributed as dist
+        dist.barrier()
+        dist.destroy_process_group()
+    return out
+
+
+def plot_curves(metrics_path: Path, png: Path) -> bool:
+    """Losses and evaluation score over steps, from metrics.jsonl. matplotlib is optional."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: skipping curves.png (pip install matplotlib)")
+        return False
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    train_rows = [r for r in rows if "loss" in r]
+    evals = [r for r in rows if "eval" in r]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name in (train_rows[0]["loss"] if train_rows else {}):
+        axes[0].plot([r["step"] for r in train_rows], [r["loss"][name] for r in train_rows], label=name)
+    axes[0].set_yscale("log"), axes[0].set_xlabel("step"), axes[0].set_title("training losses"), axes[0].legend()
+    if evals:
+        axes[1].errorbar([r["step"] for r in evals], [r["eval"]["normalized_score_mean"] for r in evals],
+                         yerr=[r["eval"]["normalized_score_std"] for r in evals], marker="o", capsize=3)
+    axes[1].set_xlabel("step"), axes[1].set_ylabel("D4RL normalized score"), axes[1].set_title("evaluation")
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return True
+
+
+if __name__ == "__main__":
+    sys.exit(main())
