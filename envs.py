@@ -1,0 +1,235 @@
+"""Evaluation environments for every dataset, faithful to the D4RL environments the data came from.
+
+D4RL's own environments need mujoco-py and old gym, which no longer install on a current stack, so the
+datasets are evaluated on gymnasium + MuJoCo 3 + gymnasium-robotics, with wrappers where they differ:
+  - locomotion: gymnasium HalfCheetah-v4 / Hopper-v4 / Walker2d-v4 (the XML and observations of D4RL's
+    v3; v5 changes the healthy reward and Walker's foot friction). `legacy_dynamics=True` puts back the
+    body masses and inertias that mujoco-py computed for Hopper and Walker2d (see LEGACY_BODY_INERTIA);
+  - Adroit: gymnasium-robotics AdroitHand{Pen,Hammer,Door,Relocate}-v1 with D4RL's reward (hand-to-object
+    sign, D4RL hand_manipulation_suite/*_v0.py) and D4RL's pen episode (100 steps, ends on a drop);
+  - Kitchen: FrankaKitchen-v1 with the D4RL task list of each dataset, observation flattened to its 59-d
+    "observation" entry (the layout of Minari's D4RL/kitchen/*-v2 data); return = tasks completed (0..4).
+
+gymnasium is imported here; mujoco and gymnasium_robotics only when an env that needs them is built.
+Seeding: make_env(info, seed) seeds the action space and passes `seed` to the first reset() that does not
+bring its own; later resets continue the environment's own RNG stream. So one env built with seed s
+replays the same sequence of episodes, and an evaluator that wants independent episodes builds one env per
+seed (seed + i). Nothing here imports data.py: `info` is any object with the DatasetInfo fields.
+
+Shape legend: S = observation dim (info.obs_dim), A = action dim (info.act_dim).
+Tests: python -m pytest test_all.py -k envs
+"""
+import warnings
+
+import gymnasium as gym
+import numpy as np
+
+# D4RL's Adroit step limits are the registered ones (pen 100, others 200) and come from info.max_episode_steps.
+PEN_DROP_HEIGHT = 0.075  # from D4RL pen_v0.py, because the episode ends when obj_pos[2] < 0.075
+HAND_TO_OBJECT_WEIGHT = 0.1  # from D4RL door/hammer/relocate_v0.py: reward = -0.1 * ||palm - object|| + ...
+
+# Per Adroit env: the (MuJoCo object type, name) whose position enters D4RL's -0.1 * ||palm - object|| term.
+# D4RL pen has no such term (its reward is the same in gymnasium-robotics; only its episode differs).
+ADROIT_OBJECT = {
+    "AdroitHandPen-v1": None,
+    "AdroitHandHammer-v1": ("body", "Object"),  # hammer_v0.py: obj_pos = body_xpos['Object']
+    "AdroitHandDoor-v1": ("site", "S_handle"),  # door_v0.py: handle_pos = site_xpos['S_handle']
+    "AdroitHandRelocate-v1": ("body", "Object"),  # relocate_v0.py: obj_pos = body_xpos['Object']
+}
+
+# D4RL kitchen_envs.py: kitchen-complete-v0 and kitchen-partial-v0 are KitchenMicrowaveKettleLightSliderV0,
+# kitchen-mixed-v0 is KitchenMicrowaveKettleBottomBurnerLightV0 (the same lists as Minari's D4RL/kitchen).
+KITCHEN_TASKS = {
+    "complete": ["microwave", "kettle", "light switch", "slide cabinet"],
+    "partial": ["microwave", "kettle", "light switch", "slide cabinet"],
+    "mixed": ["microwave", "kettle", "bottom burner", "light switch"],
+}
+
+# Body masses (kg) and principal inertias (kg m^2, in the body's inertial frame) that mujoco-py (MuJoCo
+# 1.5 to 2.1.1) compiled for the D4RL locomotion XMLs, which consist of capsules of density 1000.
+# How they were obtained: MuJoCo's 2.1.2 changelog says that until then "capsule masses and inertias
+# computed by the compiler's inertiafromgeom mechanism were approximated by a cylinder, formed by the
+# capsule's cylindrical middle section, extended on both ends by half the capsule radius". So each capsule
+# (radius r, half-length l) was the solid cylinder of radius r and height h = 2l + r:
+#   m = 1000 * pi * r^2 * h,   I_axis = m r^2 / 2,   I_across = m (3 r^2 + h^2) / 12.
+# The numbers below are MuJoCo 3's own compile of the XML with every capsule replaced by that cylinder
+# (the test redoes it). The Hopper masses 3.53429174, 3.92699082, 2.71433605, 5.0893801 are the ones
+# mujoco-py reports for gym's Hopper. Each body holds one geom centred on its inertial frame, so body_ipos
+# and body_iquat do not change. Totals: Hopper 15.265 kg (MuJoCo >= 2.1.2: 15.820, 3.6% heavier), Walker2d
+# 22.698 kg (23.677, 4.3% heavier). HalfCheetah's capsules changed too (the same rule gives mujoco-py's
+# HalfCheetah masses 6.36031332, 1.53524804, ...), but this table does not cover it: its settotalmass="14"
+# keeps the total, its two-geom torso also moves body_ipos/body_iquat, and the bundled halfcheetah data
+# were collected on MuJoCo 3.
+# DEVIATION (dynamics): without legacy_dynamics, Hopper and Walker2d run with MuJoCo 3's exact capsule
+# inertias, which D4RL's data never saw; legacy_dynamics=True is the faithful setting for D4RL's files.
+LEGACY_BODY_INERTIA = {
+    "Hopper-v4": {
+        "torso": (3.534291735288517, (0.06185010536754901, 0.06185010536754901, 0.00441786466911065)),
+        "thigh": (3.9269908169872427, (0.0842666779478513, 0.0842666779478513, 0.00490873852123405)),
+        "leg": (2.7143360527015816, (0.06704410050172908, 0.06704410050172908, 0.00217146884216127)),
+        "foot": (5.0893800988154645, (0.0904637312564449, 0.0904637312564449, 0.00916088417786783)),
+    },
+    "Walker2d-v4": {
+        "torso": (3.534291735288517, (0.06185010536754901, 0.06185010536754901, 0.00441786466911065)),
+        "thigh": (3.9269908169872427, (0.0842666779478513, 0.0842666779478513, 0.00490873852123405)),
+        "leg": (2.7143360527015816, (0.06704410050172908, 0.06704410050172908, 0.00217146884216127)),
+        "foot": (2.9405307237600464, (0.0192114673952323, 0.0192114673952323, 0.00529295530276808)),
+        "thigh_left": (3.9269908169872427, (0.0842666779478513, 0.0842666779478513, 0.00490873852123405)),
+        "leg_left": (2.7143360527015816, (0.06704410050172908, 0.06704410050172908, 0.00217146884216127)),
+        "foot_left": (2.9405307237600464, (0.0192114673952323, 0.0192114673952323, 0.00529295530276808)),
+    },
+}
+
+
+# ----------------------------------------------------------------------------- entry point
+
+def make_env(info, seed=None, legacy_dynamics=False, render_mode=None):
+    """Build the evaluation env of dataset `info` (a DatasetInfo): obs (S,) float64, action (A,)."""
+    if legacy_dynamics and info.env_id not in LEGACY_BODY_INERTIA:
+        raise ValueError(f"legacy_dynamics is defined for {sorted(LEGACY_BODY_INERTIA)} only, not {info.env_id}")
+    if info.family == "locomotion":
+        env = _make(info, render_mode)
+        if legacy_dynamics:
+            set_legacy_dynamics(env.unwrapped.model, env.unwrapped.data, info.env_id)
+    elif info.family == "adroit":
+        import gymnasium_robotics
+
+        gym.register_envs(gymnasium_robotics)
+        if info.env_id not in ADROIT_OBJECT:
+            raise ValueError(f"unknown Adroit env {info.env_id}; expected one of {sorted(ADROIT_OBJECT)}")
+        env = D4RLAdroit(_make(info, render_mode), info.env_id)
+    elif info.family == "kitchen":
+        import gymnasium_robotics
+
+        gym.register_envs(gymnasium_robotics)
+        task_set = info.name.split("-")[1] if info.name.count("-") >= 2 else ""
+        if task_set not in KITCHEN_TASKS:
+            raise ValueError(f"cannot tell the kitchen tasks of {info.name!r}; expected kitchen-{{complete,partial,mixed}}-v0")
+        env = KitchenObservation(_make(info, render_mode, tasks_to_complete=KITCHEN_TASKS[task_set]))
+    else:
+        raise ValueError(f"unknown env family {info.family!r} for {info.name}; expected locomotion, adroit or kitchen")
+
+    if env.observation_space.shape != (info.obs_dim,) or env.action_space.shape != (info.act_dim,):
+        raise ValueError(f"{info.env_id} has obs {env.observation_space.shape} / action {env.action_space.shape}, "
+                         f"but {info.name} is registered with ({info.obs_dim},) / ({info.act_dim},)")
+    if seed is not None:
+        env.action_space.seed(seed)
+    return SeedFirstReset(env, seed)
+
+
+def _make(info, render_mode, **kwargs):
+    with warnings.catch_warnings():
+        # The v4 locomotion envs are chosen on purpose (D4RL's XML and observations), so their
+        # "out of date, use v5" DeprecationWarning is silenced.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return gym.make(info.env_id, max_episode_steps=info.max_episode_steps, render_mode=render_mode, **kwargs)
+
+
+# ----------------------------------------------------------------------------- wrappers
+
+class SeedFirstReset(gym.Wrapper):
+    """Pass `seed` to the first reset() that brings none; later resets continue the env's RNG stream."""
+
+    def __init__(self, env, seed):
+        super().__init__(env)
+        self._pending_seed = seed
+
+    def reset(self, *, seed=None, options=None):
+        if seed is None:
+            seed = self._pending_seed
+        self._pending_seed = None
+        return self.env.reset(seed=seed, options=options)
+
+
+class D4RLAdroit(gym.Wrapper):
+    """gymnasium-robotics Adroit v1 made to score like D4RL's hand_manipulation_suite.
+
+    DEVIATION (simulator): the official code evaluates on D4RL's mujoco-py envs; this is gymnasium-robotics'
+    port on MuJoCo 3, with its observations and resets written like D4RL's. Its reward is not: since
+    gymnasium-robotics 1.2.1 the -v1 door, hammer and relocate rewards add +0.1 * ||palm - object|| where
+    D4RL adds -0.1 * ||palm - object|| (gymnasium-robotics pull request #220; fixed only in the -v2 envs of
+    1.4.3). Every other term is D4RL's, so step() adds -0.2 * ||palm - object|| from the same sim state.
+    Pen's reward already equals D4RL's; its episode is made D4RL's: it terminates when the pen falls below
+    PEN_DROP_HEIGHT (the 100-step limit is the TimeLimit from info.max_episode_steps).
+    """
+
+    def __init__(self, env, env_id):
+        super().__init__(env)
+        import mujoco
+
+        model = env.unwrapped.model
+        self._pen = env_id == "AdroitHandPen-v1"
+        self._obj_body = mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_BODY, "Object")
+        self._palm = mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_SITE, "S_grasp")
+        target = ADROIT_OBJECT[env_id]
+        self._target = None
+        if target is not None and _gymnasium_robotics_has_sign_flip():
+            kind = mujoco.mjtObj.mjOBJ_BODY if target[0] == "body" else mujoco.mjtObj.mjOBJ_SITE
+            self._target = (target[0], mujoco.mj_name2id(model, kind, target[1]))
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        data = self.env.unwrapped.data
+        if self._target is not None:
+            kind, idx = self._target
+            obj = data.xpos[idx] if kind == "body" else data.site_xpos[idx]
+            # gymnasium-robotics: +0.1 d; D4RL: -0.1 d  ->  subtract 2 * 0.1 d
+            reward = reward - 2 * HAND_TO_OBJECT_WEIGHT * float(np.linalg.norm(data.site_xpos[self._palm] - obj))
+        if self._pen:
+            terminated = terminated or bool(data.xpos[self._obj_body][2] < PEN_DROP_HEIGHT)  # D4RL pen_v0.py
+        return obs, float(reward), terminated, truncated, info
+
+
+def _gymnasium_robotics_has_sign_flip():
+    """The +0.1 * ||palm - object|| bug is in gymnasium-robotics >= 1.2.1 (requirements pin 1.4.2)."""
+    from importlib.metadata import version
+
+    parts = [int(p) for p in version("gymnasium-robotics").split(".")[:3] if p.isdigit()]
+    return tuple(parts) >= (1, 2, 1)
+
+
+class KitchenObservation(gym.Wrapper):
+    """FrankaKitchen-v1 with its dict observation flattened to the (59,) 'observation' entry.
+
+    The 59 numbers are robot joint positions (9) and velocities (9), then object positions (21) and
+    velocities (20), the layout of Minari's D4RL/kitchen/*-v2 datasets.
+    DEVIATION (from D4RL): D4RL's kitchen observations are 60-d (robot and object positions plus the goal),
+    from a mujoco-py sim; Minari re-simulated the D4RL demonstrations in FrankaKitchen-v1, and the kitchen
+    datasets are read from there, so the policy sees FrankaKitchen's observation.
+    Reward: FrankaKitchen-v1 with remove_task_when_completed and terminate_on_tasks_completed (its defaults,
+    as in D4RL's KitchenBase) gives 1 per task at the step it is completed, so the return is the number of
+    tasks completed (0..4), D4RL's kitchen score before normalization.
+    """
+
+    def __init__(self, env):
+        super().__init__(env)
+        self.observation_space = env.observation_space["observation"]
+        if not isinstance(self.observation_space, gym.spaces.Box):
+            raise ValueError("FrankaKitchen-v1's 'observation' entry is not a Box")
+
+    def reset(self, **kwargs):
+        obs, info = self.env.reset(**kwargs)
+        return obs["observation"], info
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        return obs["observation"], reward, terminated, truncated, info
+
+
+# ----------------------------------------------------------------------------- legacy dynamics
+
+def set_legacy_dynamics(model, data, env_id):
+    """Write LEGACY_BODY_INERTIA[env_id] into a compiled MjModel and recompute what depends on it.
+
+    mj_setConst redoes the compile-time quantities derived from the masses (subtree masses, dof_M0,
+    dof/body inverse weights, actuator_acc0), so the model equals one compiled with the old inertias.
+    """
+    import mujoco
+
+    for body, (mass, inertia) in LEGACY_BODY_INERTIA[env_id].items():
+        b = mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_BODY, body)
+        if b < 0:
+            raise ValueError(f"{env_id} has no body {body!r}; its XML is not the one LEGACY_BODY_INERTIA was made for")
+        model.body_mass[b] = mass
+        model.body_inertia[b] = inertia
+    mujoco.mj_setConst(model, data)
