@@ -112,9 +112,41 @@ class Planner:
         a = a.float().cpu().numpy()
         return a[0] if single else a
 
+    def enable_cuda_graphs(self) -> None:
+        """Capture each fixed-shape decision (one per batch size and history length c) as a CUDA graph and
+        replay it. A decision is a dozen sequential network calls but over a thousand small kernels, so on
+        a GPU the launch overhead dominates; replay removes it. The captured code is the same eager code."""
+        if self.device.type != "cuda":
+            raise T.UsageError("--cuda-graph needs a CUDA device")
+        self._graphs = {}
+
     @torch.no_grad()
     def decide(self, hist_s: torch.Tensor, hist_r: torch.Tensor) -> torch.Tensor:
         """hist_s (B, c, S), hist_r (B, c, 1), the last entry being now -> actions (B, A) on the device."""
+        graphs = getattr(self, "_graphs", None)
+        if graphs is None:
+            return self._decide(hist_s, hist_r)
+        key = tuple(hist_s.shape)
+        if key not in graphs:
+            static_s, static_r = hist_s.clone(), hist_r.clone()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm up outside the graph (allocator, lazy init)
+                for _ in range(2):
+                    self._decide(static_s, static_r)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_out = self._decide(static_s, static_r)
+            graphs[key] = (graph, static_s, static_r, static_out)
+        graph, static_s, static_r, static_out = graphs[key]
+        static_s.copy_(hist_s)
+        static_r.copy_(hist_r)
+        graph.replay()
+        return static_out.clone()
+
+    @torch.no_grad()
+    def _decide(self, hist_s: torch.Tensor, hist_r: torch.Tensor) -> torch.Tensor:
         B, N, H = hist_s.shape[0], self.N, self.cfg.horizon
         hs = hist_s.repeat_interleave(N, 0)               # (B, c, S) -> (B*N, c, S)
         hr = hist_r.repeat_interleave(N, 0)               # (B, c, 1) -> (B*N, c, 1)
@@ -157,7 +189,8 @@ def evaluate(planner: Planner, env_name: str, episodes: int, seed: int = 100, ba
                dynamic_ncols=True, unit="step")
     for start in range(0, episodes, batch_envs):
         n = min(batch_envs, episodes - start)
-        envs = [D.make_env(env_name, seed=seed + start + i) for i in range(n)]
+        kw = {"legacy_dynamics": True} if planner.cfg.legacy_dynamics else {}
+        envs = [D.make_env(env_name, seed=seed + start + i, **kw) for i in range(n)]
         obs = np.stack([e.reset(seed=seed + start + i)[0] for i, e in enumerate(envs)])
         planner.low = torch.as_tensor(envs[0].action_space.low, device=planner.device)
         planner.high = torch.as_tensor(envs[0].action_space.high, device=planner.device)
@@ -225,6 +258,36 @@ def time_decisions(planner: Planner, batch: int, decisions: int, warmup: int = 2
     return 1000.0 * statistics.median(times) / batch
 
 
+def check_cuda_graph(ckpt_path, device: str) -> float:
+    """The captured decision must compute what the eager one does, on fresh inputs after capture. Noise is
+    drawn from another stream under capture, so the check uses the deterministic paths: the transformer
+    plan, and one refine step from the plan taken as x_1 (no noise is added at t == 0)."""
+    worst = 0.0
+    for kw in ({"planner": "transformer"}, {"refine_steps": 1}):
+        eager = Planner.from_checkpoint(ckpt_path, device=device, **kw)
+        eager.cfg.refine_noise = False
+        graph = Planner.from_checkpoint(ckpt_path, device=device, **kw)
+        graph.cfg.refine_noise = False
+        graph.enable_cuda_graphs()
+        g = torch.Generator().manual_seed(1)
+        C = eager.cfg.context
+        hs = torch.randn(4, C, eager.S, generator=g).to(eager.device)
+        hr = torch.full((4, C, 1), eager.R0, device=eager.device)
+        if eager.N > 1:  # the candidate draw is random: compare one candidate
+            eager.N = graph.N = 1
+        torch.manual_seed(0)
+        a = eager.decide(hs, hr)
+        graph.decide(hs, hr)
+        hs2 = torch.randn(4, C, eager.S, generator=g).to(eager.device)  # replay on new inputs
+        diff = (eager.decide(hs2, hr) - graph.decide(hs2, hr)).abs().max().item()
+        diff = max(diff, (a - graph.decide(hs, hr)).abs().max().item())
+        print(f"cuda graph vs eager ({kw}): max |diff| = {diff:.2e}")
+        worst = max(worst, diff)
+    if worst > 1e-3:
+        raise RuntimeError(f"cuda graph output differs from eager by {worst:.2e}")
+    return worst
+
+
 def reference_planner(kind: str, device, scale: str, n_candidates: int) -> Planner:
     """Random-weight planners at published sizes, for timing only.
     td-official: the official halfcheetah configuration (H=8, k=5, 32 candidates with the critic, U-Net
@@ -257,13 +320,17 @@ def reference_planner(kind: str, device, scale: str, n_candidates: int) -> Plann
 
 
 def benchmark(ckpt_path, device: str, decisions: int, ref_decisions: int, ks=(1, 2, 5, 10, 20),
-              batches=(1, 10), reference_scale: str = "full") -> dict:
+              batches=(1, 10), reference_scale: str = "full", cuda_graph: bool = False) -> dict:
     dev = T.pick_device(device)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{dev.type} ({torch.get_num_threads()} threads)"
-    print(f"device: {name}   torch {torch.__version__}")
+    print(f"device: {name}   torch {torch.__version__}   cuda graphs: {'on' if cuda_graph else 'off'}")
     rows = []
+    if cuda_graph:
+        check_cuda_graph(ckpt_path, device)
 
     def add(label, planner, batch, n):
+        if cuda_graph:
+            planner.enable_cuda_graphs()
         ms = time_decisions(planner, batch, n)
         rows.append({"planner": label, "decisions": n, "k": planner.k if label != "diffusion" and label != "dd-reference"
                      else planner.denoiser.n_timesteps, "batch": batch, "ms_per_decision": ms,
@@ -389,6 +456,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="benchmark: timed decisions for td-official and dd-reference (DD is slow on CPU)")
     p.add_argument("--reference-scale", default="full", choices=["full", "tiny"],
                    help="benchmark: tiny stand-ins for the reference rows (tests only)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="capture each decision as a CUDA graph and replay it (CUDA only; checked against eager)")
     p.add_argument("--sweep-k", action="store_true", help="score and time at each k (and the endpoints)")
     p.add_argument("--ks", default="1,2,5,10,20", help="k values for --benchmark and --sweep-k")
     p.add_argument("--plot", default=None, help="--sweep-k: write the score-vs-latency PNG here")
@@ -416,13 +485,15 @@ def run(args) -> None:
     ks = [int(k) for k in args.ks.split(",") if k]
     if args.benchmark:
         res = benchmark(args.checkpoint, args.device, args.decisions, args.reference_decisions, ks,
-                        reference_scale=args.reference_scale)
+                        reference_scale=args.reference_scale, cuda_graph=args.cuda_graph)
     elif args.sweep_k:
         res = sweep_k(args.checkpoint, args.device, args.episodes, args.seed, args.batch_envs, ks, args.plot)
     else:
         planner = Planner.from_checkpoint(args.checkpoint, device=args.device, planner=args.planner,
                                           refine_steps=args.refine_steps, guidance=args.guidance,
                                           n_candidates=args.candidates, target_return=args.target_return)
+        if args.cuda_graph:
+            planner.enable_cuda_graphs()
         if args.video:
             render_video(planner, planner.cfg.env, args.video, args.seed, args.video_steps)
             return

@@ -76,6 +76,7 @@ class Config:
     eval_episodes: int = _f(10, "evaluation episodes at the end (official 10); 0 skips evaluation")
     eval_seed: int = _f(100, "first evaluation episode's env seed (episodes use eval_seed + i)")
     batch_envs: int = _f(10, "environments planned together in one batched call during evaluation")
+    legacy_dynamics: bool = _f(False, "hopper/walker2d: evaluate with the body masses D4RL's data was collected with")
     amp: bool = _f(False, "bf16 autocast for the training forward passes (CUDA only)")
     # --- data ---
     rtg_scale: float = _f(1000.0, "returns-to-go are divided by this (official 1000)")
@@ -378,7 +379,7 @@ def train_step(batch_L: dict, batch_H: dict, losses_of: dict, optims: dict, sche
         # the denoiser conditions on the return-to-go at the window's first state (its current state)
         "diffusion": lambda: losses_of["diffusion"](batch_H["states"], batch_H["rtg"][:, 0]),
         "invdyn": lambda: losses_of["invdyn"](batch_H["states"], batch_H["next_states"], batch_H["actions"],
-                                              batch_H["mask"] * batch_H.get("next_mask", batch_H["mask"])),
+                                              batch_H["next_mask"]),
         "critic": lambda: losses_of["critic"](batch_H["states"], batch_H["actions"], batch_H["rtg"][..., 0],
                                               batch_H["mask"]),
     }
