@@ -52,8 +52,8 @@ class Planner:
         self.normalizer = normalizer
         self.S, self.A = dims["state_dim"], dims["action_dim"]
         self.k = cfg.refine_steps if refine_steps is None else refine_steps
-        if planner == "transformer":
-            self.k = 0
+        if planner != "td":  # k is fixed by the planner: 0 (no refinement) or T (everything from noise)
+            self.k = 0 if planner == "transformer" else cfg.n_timesteps
         if not 0 <= self.k <= cfg.n_timesteps:
             raise T.UsageError(f"--refine-steps {self.k} is outside 0..{cfg.n_timesteps} (the diffusion steps T)")
         self.w = cfg.guidance if guidance is None else guidance
@@ -332,8 +332,7 @@ def benchmark(ckpt_path, device: str, decisions: int, ref_decisions: int, ks=(1,
         if cuda_graph:
             planner.enable_cuda_graphs()
         ms = time_decisions(planner, batch, n)
-        rows.append({"planner": label, "decisions": n, "k": planner.k if label != "diffusion" and label != "dd-reference"
-                     else planner.denoiser.n_timesteps, "batch": batch, "ms_per_decision": ms,
+        rows.append({"planner": label, "decisions": n, "k": planner.k, "batch": batch, "ms_per_decision": ms,
                      "calls_per_decision": planner.calls_per_decision(), "candidates": planner.N})
 
     base = Planner.from_checkpoint(ckpt_path, device=device)

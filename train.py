@@ -154,11 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Train Trajectory Diffuser.", argument_default=argparse.SUPPRESS)
     for f in config_fields():
         flag = "--" + f.name.replace("_", "-")
+        help_text = f"{f.metadata['help']} (default {f.default})".replace("%", "%%")  # argparse formats help with %
         if f.type in ("bool", bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=f"{f.metadata['help']} (default {f.default})")
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
         else:
             typ = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
-            p.add_argument(flag, type=typ, metavar=f.name.upper(), help=f"{f.metadata['help']} (default {f.default})")
+            p.add_argument(flag, type=typ, metavar=f.name.upper(), help=help_text)
     return p
 
 
@@ -279,7 +280,7 @@ class _LossOf(nn.Module):
 # Checkpoints: atomic (temp file, fsync, rename) and loadable with weights_only=True
 # ----------------------------------------------------------------------------------------------------
 def versions() -> dict:
-    return {"torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version(),
+    return {"torch": str(torch.__version__), "numpy": str(np.__version__), "python": platform.python_version(),
             "format": FORMAT_VERSION}
 
 

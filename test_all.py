@@ -1,0 +1,1284 @@
+"""The project's test suite: every component against an oracle, the data path on small generated D4RL files,
+the environments, and the command line run in subprocesses with tiny budgets.
+
+Run it all:            python -m pytest test_all.py
+One part:              python -m pytest test_all.py -k transformer   (diffusion, data, envs, cli, speed, reliability)
+No GPU and no network are needed. Comparisons print their max difference (pytest -s shows them).
+"""
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+import types
+import urllib.error
+
+import h5py
+import mujoco
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from diffusion import GaussianDiffusion, TemporalUnet, cosine_beta_schedule, linear_beta_schedule
+from inverse_dynamics import Critic, InverseDynamics, clamp_action, select_candidate
+from transformer import SelfAttention, TrajectoryTransformer, causal_mask
+import data
+import envs
+import plan
+import train
+
+torch.set_num_threads(1)  # 2-core CI: the suite runs one thread, no pools
+
+
+# ====================================================================================================
+# transformer
+# ====================================================================================================
+TINY = dict(half_dim=16, n_layer=2, n_head=2, ffn_dim=32)
+
+
+def _tiny_transformer(seed=0, state_dim=3, max_len=16, causal=True, dropout=0.1):
+    torch.manual_seed(seed)
+    return TrajectoryTransformer(state_dim, dropout=dropout, max_len=max_len, causal=causal, **TINY).eval()
+
+
+def _batch(seed, B=2, L=10, S=3):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, L, S, generator=g), torch.randn(B, L, 1, generator=g)
+
+
+def test_transformer_attention_matches_sdpa():
+    torch.manual_seed(0)
+    attn = SelfAttention(32, 4).eval()
+    x = torch.randn(3, 9, 32)
+    pos = torch.arange(9)
+    B, T, D, nh = 3, 9, 32, 4
+    with torch.no_grad():
+        q, k, v = (lin(x).view(B, T, nh, D // nh).transpose(1, 2) for lin in (attn.q, attn.k, attn.v))
+        for is_causal in (True, False):
+            ref = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
+            ref = attn.out(ref.transpose(1, 2).reshape(B, T, D))
+            out = attn(x, causal_mask(pos, pos) if is_causal else None)
+            diff = (out - ref).abs().max().item()
+            print(f"attention vs sdpa (is_causal={is_causal}) max diff {diff:.2e}")
+            assert diff < 1e-5
+
+
+def test_transformer_no_causal_leak():
+    for causal in (True, False):
+        model = _tiny_transformer(causal=causal)
+        states, rtg = _batch(1)
+        j = 4
+        states2, rtg2 = states.clone(), rtg.clone()
+        states2[:, j] += 1.0
+        rtg2[:, j] -= 1.0
+        with torch.no_grad():
+            a_s, a_r = model(states, rtg)
+            b_s, b_r = model(states2, rtg2)
+        before = max((a_s[:, :j] - b_s[:, :j]).abs().max().item(), (a_r[:, :j] - b_r[:, :j]).abs().max().item())
+        after = max((a_s[:, j:] - b_s[:, j:]).abs().max().item(), (a_r[:, j:] - b_r[:, j:]).abs().max().item())
+        print(f"causal={causal}: change at positions < {j}: {before:.2e}, at >= {j}: {after:.2e}")
+        assert after > 1e-3
+        if causal:
+            assert before < 1e-6
+        else:
+            assert before > 1e-3  # the official (unmasked) model does leak: the check can fail
+
+
+def test_transformer_kv_cache_matches_uncached():
+    model = _tiny_transformer(max_len=12)
+    for c in (1, 3, 5):
+        states, rtg = _batch(c, L=c)
+        n_steps = 12 - c + 1  # fills max_len exactly
+        with torch.no_grad():
+            s_ref, r_ref = model.rollout(states, rtg, n_steps, use_cache=False)
+            s_kv, r_kv = model.rollout(states, rtg, n_steps, use_cache=True)
+            first_s, first_r = model(states, rtg)
+        diff = max((s_ref - s_kv).abs().max().item(), (r_ref - r_kv).abs().max().item())
+        print(f"c={c}, n_steps={n_steps}: cached vs uncached rollout max diff {diff:.2e}")
+        assert s_kv.shape == (2, n_steps, 3) and r_kv.shape == (2, n_steps, 1)
+        assert diff < 1e-5
+        assert (s_kv[:, 0] - first_s[:, -1]).abs().max().item() < 1e-5  # step 1 = prediction after the history
+        assert (r_kv[:, 0] - first_r[:, -1]).abs().max().item() < 1e-5
+    with pytest.raises(ValueError):
+        model.rollout(states, rtg, 12 - 5 + 2)  # c + n_steps - 1 > max_len
+
+
+def test_transformer_noncausal_rollout_ignores_cache():
+    model = _tiny_transformer(max_len=12, causal=False)
+    states, rtg = _batch(7, L=3)
+    with torch.no_grad():
+        s_a, r_a = model.rollout(states, rtg, 6, use_cache=True)
+        s_b, r_b = model.rollout(states, rtg, 6, use_cache=False)
+    diff = max((s_a - s_b).abs().max().item(), (r_a - r_b).abs().max().item())
+    print(f"non-causal rollout, use_cache True vs False max diff {diff:.2e}")
+    assert diff == 0.0
+
+
+def test_transformer_masked_loss_equals_truncated():
+    model = _tiny_transformer()
+    states, rtg = _batch(3, L=10)
+    mask = torch.ones(2, 10)
+    mask[:, 7:] = 0
+    garbage_s, garbage_r = states.clone(), rtg.clone()
+    garbage_s[:, 7:] = 1e3  # padded steps must add nothing
+    garbage_r[:, 7:] = -1e3
+    with torch.no_grad():
+        full, parts = model.loss(garbage_s, garbage_r, mask)
+        trunc, _ = model.loss(states[:, :7], rtg[:, :7])
+    print(f"masked vs truncated loss: {full.item():.6f} vs {trunc.item():.6f}")
+    assert abs(full.item() - trunc.item()) < 1e-5
+    assert abs(parts["state"] + parts["rtg"] - full.item()) < 1e-5
+
+
+def _roundtrip(make, inputs):
+    a = make(0).eval()
+    b = make(1).eval()
+    with torch.no_grad():
+        before = a(*inputs)
+        b_before = b(*inputs)
+    b.load_state_dict(a.state_dict(), strict=True)
+    with torch.no_grad():
+        after = b(*inputs)
+    before, after, b_before = (x if isinstance(x, tuple) else (x,) for x in (before, after, b_before))
+    assert max((x - y).abs().max().item() for x, y in zip(before, b_before)) > 1e-4  # different seeds differ
+    diff = max((x - y).abs().max().item() for x, y in zip(before, after))
+    return diff
+
+
+def test_transformer_state_dict_roundtrip():
+    states, rtg = _batch(4)
+
+    def make_tf(seed):
+        torch.manual_seed(seed)
+        return TrajectoryTransformer(3, max_len=16, **TINY)
+
+    def make_id(seed):
+        torch.manual_seed(seed)
+        return InverseDynamics(3, 2, hidden=16)
+
+    def make_critic(seed):
+        torch.manual_seed(seed)
+        return Critic(3, 2, hidden=16)
+
+    a = torch.randn(2, 10, 2)
+    for name, make, inputs in (("TrajectoryTransformer", make_tf, (states, rtg)),
+                               ("InverseDynamics", make_id, (states, states + 0.1)),
+                               ("Critic", make_critic, (states, a))):
+        diff = _roundtrip(make, inputs)
+        print(f"{name} state_dict round trip max diff {diff:.2e}")
+        assert diff == 0.0
+
+
+def _toy_trajectories(n=64, L=10, seed=0):
+    """States on a circle turning by a fixed angle per step (plus a slowly rising third coordinate);
+    return-to-go decreasing linearly from a random start."""
+    g = torch.Generator().manual_seed(seed)
+    phase = torch.rand(n, 1, generator=g) * 2 * math.pi
+    t = torch.arange(L, dtype=torch.float32)[None, :]
+    angle = phase + 0.4 * t
+    states = torch.stack([torch.cos(angle), torch.sin(angle), 0.1 * t.expand(n, L)], dim=-1)  # (n, L, 3)
+    rtg = (1.0 + torch.rand(n, 1, generator=g) - 0.1 * t)[..., None]                         # (n, L, 1)
+    return states, rtg
+
+
+def test_transformer_learns_toy_dynamics():
+    torch.manual_seed(0)
+    model = TrajectoryTransformer(3, dropout=0.0, max_len=16, **TINY)
+    states, rtg = _toy_trajectories()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    with torch.no_grad():
+        first = model.loss(states, rtg)[0].item()
+    for _ in range(300):
+        loss, _ = model.loss(states, rtg)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        last = model.loss(states, rtg)[0].item()
+    print(f"transformer toy loss {first:.4f} -> {last:.4f} ({first / last:.1f}x)")
+    assert first / last >= 5.0
+
+
+def test_inverse_dynamics_learns_and_masks():
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(256, 4, generator=g)
+    s_next = s + 0.3 * torch.randn(256, 4, generator=g)
+    w = torch.randn(4, 2, generator=g)
+    a = torch.tanh(((s_next - s) / 0.3) @ w)  # action = known function of (s, s')
+    torch.manual_seed(0)
+    model = InverseDynamics(4, 2, hidden=32)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    with torch.no_grad():
+        first = model.loss(s, s_next, a).item()
+    for _ in range(300):
+        loss = model.loss(s, s_next, a)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        last = model.loss(s, s_next, a).item()
+    print(f"inverse dynamics toy loss {first:.4f} -> {last:.4f} ({first / last:.1f}x)")
+    assert first / last >= 5.0
+
+    mask = torch.ones(256)
+    mask[200:] = 0
+    a_pad = a.clone()
+    a_pad[200:] = 1e3
+    with torch.no_grad():
+        masked = model.loss(s, s_next, a_pad, mask).item()
+        trunc = model.loss(s[:200], s_next[:200], a[:200]).item()
+    print(f"inverse dynamics masked vs truncated loss: {masked:.6f} vs {trunc:.6f}")
+    assert abs(masked - trunc) < 1e-6
+
+
+def test_inverse_dynamics_critic_learns_and_masks():
+    g = torch.Generator().manual_seed(1)
+    s = torch.randn(256, 3, generator=g)
+    a = torch.rand(256, 2, generator=g) * 2 - 1
+    rtg = (s[:, :1] - a.pow(2).sum(-1, keepdim=True))  # (256, 1): trailing singleton accepted
+    torch.manual_seed(0)
+    critic = Critic(3, 2, hidden=32)
+    opt = torch.optim.Adam(critic.parameters(), lr=1e-3)
+    with torch.no_grad():
+        first = critic.loss(s, a, rtg).item()
+    for _ in range(300):
+        loss = critic.loss(s, a, rtg)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        last = critic.loss(s, a, rtg).item()
+        mask = (torch.arange(256) < 100).float()
+        masked = critic.loss(s, a, rtg.squeeze(-1) + 1e3 * (1 - mask), mask).item()
+        trunc = critic.loss(s[:100], a[:100], rtg[:100]).item()
+    print(f"critic toy loss {first:.4f} -> {last:.4f} ({first / last:.1f}x); masked {masked:.6f} vs {trunc:.6f}")
+    assert first / last >= 5.0
+    assert abs(masked - trunc) < 1e-6
+    assert critic(s, a).shape == (256,)
+
+
+def test_inverse_dynamics_select_candidate():
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(5, 7, generator=g)
+    assert torch.equal(select_candidate(q, temperature=0), q.argmax(-1))
+    logits = torch.tensor([0.0, 1.0, 2.0, -1.0])
+    n = 40000
+    for temperature in (1.0, 2.0):
+        idx = select_candidate(logits.expand(n, 4), temperature, generator=torch.Generator().manual_seed(1))
+        freq = torch.bincount(idx, minlength=4).float() / n
+        target = torch.softmax(logits / temperature, dim=0)
+        diff = (freq - target).abs().max().item()
+        print(f"select_candidate T={temperature}: frequency vs softmax max diff {diff:.4f}")
+        assert diff < 0.01  # about 4 standard errors at n = 40000
+    with pytest.raises(ValueError):
+        select_candidate(q, temperature=-1.0)
+
+
+def test_inverse_dynamics_clamp_action():
+    low, high = np.array([-1.0, -0.5, 0.0], dtype=np.float32), np.array([1.0, 0.5, 2.0], dtype=np.float32)
+    a = torch.randn(100, 3) * 3
+    out = clamp_action(a, low, high)
+    lo, hi = torch.as_tensor(low), torch.as_tensor(high)
+    assert bool((out >= lo).all()) and bool((out <= hi).all())
+    inside = (a >= lo) & (a <= hi)
+    assert torch.equal(out[inside], a[inside])  # values within the bounds are untouched
+    assert torch.equal(out[a < lo], lo.expand_as(a)[a < lo])
+    assert torch.equal(out[a > hi], hi.expand_as(a)[a > hi])
+    assert torch.equal(clamp_action(a, -1.0, 1.0), a.clamp(-1.0, 1.0))
+    with pytest.raises(ValueError):
+        clamp_action(a, high, low)
+
+
+# ====================================================================================================
+# diffusion
+# ====================================================================================================
+def tiny_diffusion(H=8, S=3, T=100, schedule="cosine", seed=0):
+    torch.manual_seed(seed)
+    net = TemporalUnet(S, dim=8, dim_mults=(1, 2), horizon=H)
+    return GaussianDiffusion(net, H, S, n_timesteps=T, schedule=schedule)
+
+
+def test_diffusion_unet_default_size():
+    n = sum(p.numel() for p in TemporalUnet(17).parameters())
+    print(f"TemporalUnet(S=17, dim=64, mults=(1,2,4,8)) parameters: {n:,}")
+    assert 15e6 < n < 17e6
+    eps = TemporalUnet(17, horizon=8)(torch.randn(2, 8, 17), torch.tensor([0, 99]), torch.randn(2, 1), torch.ones(2))
+    assert eps.shape == (2, 8, 17)
+
+
+def test_diffusion_cosine_schedule_closed_form():
+    T, s = 100, 0.008
+    d = tiny_diffusion(T=T)
+    t = torch.arange(T + 1, dtype=torch.float64)
+    closed = torch.cos((t / T + s) / (1 + s) * math.pi / 2) ** 2 / math.cos(s / (1 + s) * math.pi / 2) ** 2
+    clipped = d.betas >= 0.999
+    print("cosine: betas clipped at 0.999 at indices", clipped.nonzero().flatten().tolist())
+    # alphas_cumprod[i] is alpha_bar after i+1 steps; every product before the first clipped beta is exact
+    first_clip = int(clipped.nonzero()[0]) if clipped.any() else T
+    diff = (d.alphas_cumprod[:first_clip] - closed[1:first_clip + 1]).abs().max().item()
+    print(f"cosine alpha_bar max |diff| vs closed form: {diff:.3e}; alpha_bar_T = {d.alphas_cumprod[-1].item():.3e}")
+    assert diff < 1e-12 and first_clip >= T - 1
+    assert d.alphas_cumprod[-1] < 1e-3
+    assert (d.betas > 0).all() and (d.betas <= 0.999).all()
+    for name in ["betas", "alphas_cumprod", "posterior_variance", "posterior_mean_coef1", "sqrt_alphas_cumprod"]:
+        buf = getattr(d, name)
+        assert buf.dtype == torch.float64 and buf.device == next(d.model.parameters()).device
+    assert cosine_beta_schedule(T).dtype == torch.float64
+
+
+def test_diffusion_linear_schedule():
+    betas = linear_beta_schedule(100)
+    assert betas.dtype == torch.float64
+    assert abs(betas[0].item() - 1e-3) < 1e-15 and abs(betas[-1].item() - 2e-2) < 1e-15
+    d = tiny_diffusion(schedule="linear")
+    ab99 = d.alphas_cumprod[99].item()
+    print(f"linear alpha_bar_99 = {ab99:.4f}")
+    assert abs(ab99 - 0.35) < 0.01
+    with pytest.raises(ValueError):
+        GaussianDiffusion(TemporalUnet(3, dim=8, dim_mults=(1, 2)), 8, 3, schedule="quadratic")
+
+
+def test_diffusion_q_sample_moments():
+    d = tiny_diffusion()
+    torch.manual_seed(1)
+    N = 200_000
+    x0 = torch.randn(1, 8, 3).expand(N, 8, 3)
+    for ti in [0, 30, 99]:
+        t = torch.full((N,), ti, dtype=torch.long)
+        x_t = d.q_sample(x0, t)
+        ab = d.alphas_cumprod[ti].item()
+        mean_diff = (x_t.mean(0) - math.sqrt(ab) * x0[0]).abs().max().item()
+        var_diff = (x_t.var(0) - (1 - ab)).abs().max().item()
+        print(f"q_sample t={ti}: max |mean diff| {mean_diff:.2e}, max |var diff| {var_diff:.2e}")
+        assert mean_diff < 0.015 and var_diff < 0.03
+
+
+def test_diffusion_posterior_coefficients():
+    d = tiny_diffusion()
+    b, ab = d.betas, d.alphas_cumprod
+    ab_prev = torch.cat([torch.ones(1, dtype=torch.float64), ab[:-1]])
+    coef1 = b * ab_prev.sqrt() / (1 - ab)
+    coef2 = (1 - ab_prev) * (1 - b).sqrt() / (1 - ab)
+    var = b * (1 - ab_prev) / (1 - ab)
+    diffs = [(d.posterior_mean_coef1 - coef1).abs().max().item(), (d.posterior_mean_coef2 - coef2).abs().max().item(),
+             (d.posterior_variance - var).abs().max().item()]
+    print("posterior coef1, coef2, var max |diff|:", diffs)
+    assert max(diffs) < 1e-12 and d.posterior_variance[0] == 0
+    # the mean from the coefficients equals the Bayes closed form: q(x_{t-1} | x_0) q(x_t | x_{t-1}) is a
+    # product of Gaussians N(sqrt(ab_prev) x_0, 1 - ab_prev) * N(x_t / sqrt(alpha), beta / alpha) in x_{t-1}
+    torch.manual_seed(2)
+    x0, x_t = torch.randn(5, 8, 3, dtype=torch.float64), torch.randn(5, 8, 3, dtype=torch.float64)
+    t = torch.tensor([1, 17, 50, 98, 99])
+    mean, post_var, log_var = d.q_posterior(x0, x_t, t)
+    bt, abp = b[t][:, None, None], ab_prev[t][:, None, None]
+    prec = 1 / (1 - abp) + (1 - bt) / bt
+    closed_mean = (abp.sqrt() * x0 / (1 - abp) + (1 - bt).sqrt() * x_t / bt) / prec
+    diffs = [(mean - closed_mean).abs().max().item(), (post_var - 1 / prec).abs().max().item()]
+    print(f"posterior mean, variance max |diff| vs Bayes closed form: {diffs}")
+    assert max(diffs) < 1e-10 and torch.allclose(log_var, post_var.log(), rtol=0, atol=1e-12)
+    # at t = 0 the posterior is a point mass at x_0
+    mean0, var0, _ = d.q_posterior(x0, x_t, torch.zeros(5, dtype=torch.long))
+    assert (mean0 - x0).abs().max() < 1e-12 and (var0 == 0).all()
+
+
+def test_diffusion_guidance():
+    d = tiny_diffusion()
+    torch.manual_seed(3)
+    x, t, r = torch.randn(4, 8, 3), torch.tensor([0, 5, 50, 99]), torch.randn(4, 1)
+    with torch.no_grad():
+        eps_c = d.model(x, t, r, torch.ones(4))
+        eps_u = d.model(x, t, r, torch.zeros(4))
+        diffs = [(d.guided_eps(x, t, r, 1.0) - eps_c).abs().max().item(),
+                 (d.guided_eps(x, t, r, 0.0) - eps_u).abs().max().item(),
+                 (d.guided_eps(x, t, r, 1.7) - (eps_u + 1.7 * (eps_c - eps_u))).abs().max().item()]
+        print("guidance w=1 vs cond, w=0 vs uncond, batched vs two passes (w=1.7) max |diff|:", diffs)
+        assert max(diffs) < 1e-5
+        assert (eps_c - eps_u).abs().max() > 1e-3  # the condition actually reaches the output
+        # a dropped row ignores the return value
+        assert torch.allclose(eps_u, d.model(x, t, r + 5.0, torch.zeros(4)), atol=0, rtol=0)
+
+
+def test_diffusion_refine_and_sample_keep_first_state():
+    d = tiny_diffusion()
+    torch.manual_seed(4)
+    x, r = torch.randn(5, 8, 3), torch.randn(5, 1)
+    assert torch.equal(d.refine(x, 0, r), x)
+    for k, add_noise in [(1, True), (5, True), (100, True), (5, False)]:
+        y = d.refine(x, k, r, w=1.2, add_noise=add_noise)
+        assert torch.equal(y[:, 0], x[:, 0]) and torch.isfinite(y).all()
+        assert (y[:, 1:] - x[:, 1:]).abs().max() > 0
+    s = d.sample(x[:, 0], r)
+    assert s.shape == x.shape and torch.equal(s[:, 0], x[:, 0]) and torch.isfinite(s).all()
+    with pytest.raises(ValueError):
+        d.refine(x, 101, r)
+    with pytest.raises(ValueError):
+        d.refine(x[:, :4], 2, r)
+
+
+def test_diffusion_bad_horizon():
+    with pytest.raises(ValueError, match="H=12 must be divisible by 8"):
+        TemporalUnet(17, horizon=12)
+    with pytest.raises(ValueError, match="divisible by 2"):
+        tiny_diffusion(H=7)
+
+
+def test_diffusion_state_dict_round_trip():
+    d1, d2 = tiny_diffusion(seed=0), tiny_diffusion(seed=1)
+    sd = d1.state_dict()
+    assert "betas" in sd and "posterior_log_variance_clipped" in sd
+    d2.load_state_dict(sd, strict=True)
+    for k, v in d2.state_dict().items():
+        assert torch.equal(v, sd[k]), k
+    x, r = torch.randn(3, 8, 3), torch.randn(3, 1)
+    torch.manual_seed(5)
+    y1 = d1.refine(x, 3, r)
+    torch.manual_seed(5)
+    y2 = d2.refine(x, 3, r)
+    print(f"state_dict round trip: refine max |diff| {(y1 - y2).abs().max().item():.1e}")
+    assert torch.equal(y1, y2)
+
+
+def circle_batch(B, H=8, speed=0.5):
+    """Trajectories on the unit circle; return +1 for counter-clockwise, -1 for clockwise."""
+    direction = torch.randint(0, 2, (B,)) * 2 - 1  # (B,) in {-1, +1}
+    phase = torch.rand(B) * 2 * math.pi
+    angle = phase[:, None] + direction[:, None] * speed * torch.arange(H)  # (B, H)
+    x0 = torch.stack([angle.cos(), angle.sin()], dim=-1)  # (B, H, 2)
+    return x0, direction[:, None].float()
+
+
+def test_diffusion_learns_toy_curves():
+    torch.manual_seed(0)
+    net = TemporalUnet(2, dim=16, dim_mults=(1, 2), horizon=8)
+    d = GaussianDiffusion(net, 8, 2)  # cosine, T = 100, clip_denoised = 10
+    x_eval, r_eval = circle_batch(512)
+
+    def eval_loss():
+        with torch.no_grad():
+            state = torch.get_rng_state()
+            torch.manual_seed(123)  # the same t, noise and dropout for every evaluation
+            value = d.loss(x_eval, r_eval).item()
+            torch.set_rng_state(state)
+            return value
+
+    before = eval_loss()
+    opt = torch.optim.Adam(d.parameters(), lr=4e-3)
+    for _ in range(600):
+        loss = d.loss(*circle_batch(64))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = eval_loss()
+    print(f"toy curves: diffusion loss {before:.3f} -> {after:.3f} (factor {before / after:.1f})")
+    assert after < before / 5
+    # the return condition selects the family: plans from (1, 0) turn the way the return's sign says
+    start = torch.tensor([[1.0, 0.0]]).repeat(128, 1)
+    for sign in [1.0, -1.0]:
+        plan = d.sample(start, torch.full((128, 1), sign), w=1.2)
+        angle = torch.atan2(plan[..., 1], plan[..., 0])  # (B, H)
+        step = torch.remainder(angle[:, 1:] - angle[:, :-1] + math.pi, 2 * math.pi) - math.pi  # (B, H-1)
+        frac = (step.sign() == sign).float().mean().item()
+        radius = plan.norm(dim=-1).mean().item()
+        print(f"return {sign:+.0f}: fraction of steps turning that way {frac:.2f}, mean radius {radius:.3f}")
+        assert frac > 0.85 and abs(radius - 1) < 0.1
+    # without the x_0 clamp, sampling from pure noise diverges (the last beta is 0.999)
+    d.clip_denoised = None
+    radius = d.sample(start, torch.ones(128, 1), w=1.2).norm(dim=-1).mean().item()
+    print(f"clip_denoised=None: mean radius {radius:.1f}")
+    assert radius > 3
+
+
+# ====================================================================================================
+# data
+# ====================================================================================================
+ROOT = pathlib.Path(data.__file__).resolve().parent
+
+
+def write_d4rl(path, n=20, obs_dim=11, act_dim=3, terminals=None, timeouts="auto", next_obs=True, seed=0, **override):
+    """A small D4RL-layout hdf5 file. `timeouts=None` leaves the key out; `override` replaces (or, if None, drops) keys."""
+    rng = np.random.default_rng(seed)
+    arrays = {
+        "observations": rng.normal(size=(n, obs_dim)).astype(np.float32),
+        "actions": rng.uniform(-1, 1, size=(n, act_dim)).astype(np.float32),
+        "rewards": rng.normal(size=n).astype(np.float32),
+        "terminals": np.zeros(n, bool) if terminals is None else np.asarray(terminals),
+    }
+    if timeouts is not None:
+        arrays["timeouts"] = np.zeros(n, bool) if isinstance(timeouts, str) else np.asarray(timeouts)
+    if next_obs:
+        arrays["next_observations"] = rng.normal(size=(n, obs_dim)).astype(np.float32)
+    arrays.update(override)
+    with h5py.File(path, "w") as f:
+        for k, v in arrays.items():
+            if v is not None:
+                f.create_dataset(k, data=v)
+    return {k: v for k, v in arrays.items() if v is not None}
+
+
+def flags(n, at):
+    x = np.zeros(n, bool)
+    x[list(at)] = True
+    return x
+
+
+def one_line_error(fn, *words):
+    with pytest.raises(data.DataError) as e:
+        fn()
+    msg = str(e.value)
+    assert "\n" not in msg, msg
+    for w in words:
+        assert w in msg, f"{w!r} not in {msg!r}"
+    return msg
+
+
+# ------------------------------------------------------------------------------------------ episodes
+def test_data_episodes_terminal_timeout_and_partial(tmp_path):
+    p = tmp_path / "hop.hdf5"
+    a = write_d4rl(p, n=16, terminals=flags(16, [4]), timeouts=flags(16, [11]))
+    d = data.load("hopper-medium-v2", path=p)
+    assert d.episode_starts.tolist() == [0, 5, 12]
+    assert d.episode_lengths.tolist() == [5, 7, 4]
+    assert d.episode_terminal.tolist() == [True, False, False]
+    assert len(d.observations) == 16  # timeout transitions are kept (the official loader drops them)
+    want = [a["rewards"][0:5].sum(), a["rewards"][5:12].sum(), a["rewards"][12:].sum()]
+    print("max return diff", np.abs(d.episode_returns - want).max())
+    np.testing.assert_allclose(d.episode_returns, want, rtol=1e-6)
+    assert any("partial episode" in n for n in d.notes)
+    s = d.summary()
+    assert "16 transitions" in s and "3 episodes" in s
+
+
+def test_data_no_timeouts_key_cuts_at_max_steps(tmp_path):
+    p = tmp_path / "kitchen.hdf5"
+    write_d4rl(p, n=700, obs_dim=59, act_dim=9, terminals=flags(700, [99]), timeouts=None)
+    d = data.load("kitchen-mixed-v0", path=p)  # FrankaKitchen-v1 episodes have 280 steps
+    assert d.episode_starts.tolist() == [0, 100, 380, 660]
+    assert d.episode_lengths.tolist() == [100, 280, 280, 40]
+    assert d.episode_terminal.tolist() == [True, False, False, False]
+    assert any("no timeouts key" in n and "280" in n for n in d.notes)
+    assert "no timeouts key" in d.summary()
+
+
+def test_data_float_flags_and_float64_without_next_observations(tmp_path):
+    p = tmp_path / "pen.hdf5"
+    rng = np.random.default_rng(1)
+    obs, act, rew = rng.normal(size=(30, 45)), rng.normal(size=(30, 24)), rng.normal(size=30)
+    write_d4rl(p, n=30, obs_dim=45, act_dim=24, next_obs=False, observations=obs, actions=act, rewards=rew,
+               terminals=flags(30, [9]).astype(np.float32), timeouts=flags(30, [29]).astype(np.float64))
+    d = data.load("pen-human-v1", path=p)
+    assert d.observations.dtype == np.float32 and d.actions.dtype == np.float32 and d.rewards.dtype == np.float32
+    assert d.next_observations is None and any("next_observations" in n for n in d.notes)
+    print("max obs diff", np.abs(d.observations - obs).max())
+    np.testing.assert_allclose(d.observations, obs, rtol=1e-6)
+    assert d.episode_lengths.tolist() == [10, 20] and d.episode_terminal.tolist() == [True, False]
+    # without next_observations the next state is the following step, unknown at an episode's last step
+    s = data.WindowSampler(d, length=4)
+    b = s.sample(256, torch.Generator().manual_seed(0))
+    norm = d.normalizer.normalize(d.observations)
+    pos = b["start"][:, None] + torch.arange(4)
+    for i in range(256):
+        for j in range(4):
+            t = int(pos[i, j])
+            if b["next_mask"][i, j] == 1:
+                assert t not in (9, 29)
+                assert torch.allclose(b["next_states"][i, j], torch.as_tensor(norm[t + 1]), atol=1e-6)
+            elif b["mask"][i, j] == 1:
+                assert t in (9, 29)
+
+
+def test_data_next_observations_used_at_last_step(tmp_path):
+    p = tmp_path / "hop.hdf5"
+    a = write_d4rl(p, n=10, terminals=flags(10, [4]), timeouts=flags(10, [9]))
+    d = data.load("hopper-medium-v2", path=p)
+    s = data.WindowSampler(d, length=3)
+    b = s.sample(128, torch.Generator().manual_seed(0))
+    norm_next = d.normalizer.normalize(a["next_observations"])
+    last = torch.where(b["start"] < 5, 4, 9)  # (B,) last step of each window's episode
+    pos = torch.minimum(b["start"][:, None] + torch.arange(3), last[:, None])  # (B, L)
+    want = torch.as_tensor(norm_next)[pos]
+    real = b["mask"].bool()
+    print("max next_states diff", (b["next_states"][real] - want[real]).abs().max().item())
+    assert torch.allclose(b["next_states"][real], want[real], atol=1e-6)
+    assert torch.equal(b["next_mask"], b["mask"])  # next state known at every real step
+
+
+# ------------------------------------------------------------------------------------------ validation
+def test_data_missing_key(tmp_path):
+    p = tmp_path / "f.hdf5"
+    write_d4rl(p, rewards=None)
+    one_line_error(lambda: data.load("hopper-medium-v2", path=p), str(p), "'rewards'", "missing")
+
+
+def test_data_mismatched_lengths(tmp_path):
+    p = tmp_path / "f.hdf5"
+    write_d4rl(p, actions=np.zeros((19, 3), np.float32))
+    one_line_error(lambda: data.load("hopper-medium-v2", path=p), str(p), "'actions'", "19")
+
+
+def test_data_wrong_dims(tmp_path):
+    p = tmp_path / "f.hdf5"
+    write_d4rl(p, obs_dim=17)
+    one_line_error(lambda: data.load("hopper-medium-v2", path=p), str(p), "'observations'", "11", "Hopper-v4")
+    write_d4rl(p, act_dim=6)
+    one_line_error(lambda: data.load("hopper-medium-v2", path=p), str(p), "'actions'", "3")
+
+
+def test_data_nan_and_inf(tmp_path):
+    p = tmp_path / "f.hdf5"
+    obs = np.zeros((20, 11), np.float32)
+    obs[3, 2] = np.nan
+    write_d4rl(p, observations=obs)
+    one_line_error(lambda: data.load("hopper-medium-v2", path=p), str(p), "'observations'", "NaN")
+    rew = np.zeros(20, np.float32)
+    rew[7] = np.inf
+    write_d4rl(p, rewards=rew)
+    one_line_error(lambda: data.load("hopper-medium-v2", path=p), str(p), "'rewards'", "inf")
+
+
+def test_data_bad_flags(tmp_path):
+    p = tmp_path / "f.hdf5"
+    write_d4rl(p, terminals=np.full(20, 2.0))
+    one_line_error(lambda: data.load("hopper-medium-v2", path=p), str(p), "'terminals'", "0/1")
+
+
+def test_data_empty_dataset_and_empty_file(tmp_path):
+    p = tmp_path / "f.hdf5"
+    write_d4rl(p, n=0)
+    one_line_error(lambda: data.load("hopper-medium-v2", path=p), str(p), "empty")
+    q = tmp_path / "zero.hdf5"
+    q.write_bytes(b"")
+    one_line_error(lambda: data.load("hopper-medium-v2", path=q), str(q), "corrupt")
+
+
+def test_data_truncated_file(tmp_path):
+    p = tmp_path / "f.hdf5"
+    write_d4rl(p, n=5000)
+    raw = p.read_bytes()
+    p.write_bytes(raw[: len(raw) // 2])
+    one_line_error(lambda: data.load("hopper-medium-v2", path=p), str(p), "truncated or corrupt")
+
+
+def test_data_missing_path(tmp_path):
+    p = tmp_path / "nope.hdf5"
+    one_line_error(lambda: data.load("hopper-medium-v2", path=p), str(p), "does not exist", "--dataset")
+
+
+def test_data_unknown_name_suggests():
+    msg = one_line_error(lambda: data.get_info("hoper-medium-v2"), "hoper-medium-v2", "hopper-medium-v2", "--list")
+    print(msg)
+
+
+# ------------------------------------------------------------------------------------------ returns-to-go
+def test_data_returns_to_go_hand_computed(tmp_path):
+    np.testing.assert_allclose(data.returns_to_go([1.0, 2.0, 3.0, 4.0]), [10.0, 9.0, 7.0, 4.0])
+    # discount 0.5: R3 = 4, R2 = 3 + 2 = 5, R1 = 2 + 2.5 = 4.5, R0 = 1 + 2.25 = 3.25
+    np.testing.assert_allclose(data.returns_to_go([1.0, 2.0, 3.0, 4.0], 0.5), [3.25, 4.5, 5.0, 4.0])
+    p = tmp_path / "f.hdf5"
+    rew = np.array([1, 2, 3, 4, 10, 20], np.float32)  # two episodes: [1, 2, 3, 4] and [10, 20]
+    write_d4rl(p, n=6, rewards=rew, timeouts=flags(6, [3, 5]))
+    d = data.load("hopper-medium-v2", path=p, rtg_scale=10.0)
+    np.testing.assert_allclose(d.rtg, [1.0, 0.9, 0.7, 0.4, 3.0, 2.0], rtol=1e-6)
+    d = data.load("hopper-medium-v2", path=p, rtg_scale=10.0, discount=0.5)
+    print("max rtg diff", np.abs(d.rtg - [0.325, 0.45, 0.5, 0.4, 2.0, 2.0]).max())
+    np.testing.assert_allclose(d.rtg, [0.325, 0.45, 0.5, 0.4, 2.0, 2.0], rtol=1e-6)
+    np.testing.assert_allclose(d.episode_returns, [10.0, 30.0])  # returns stay raw and undiscounted
+
+
+# ------------------------------------------------------------------------------------------ windows
+def mixed_file(tmp_path, seed=0):
+    """Episodes of many lengths (some shorter than the window), ending on terminals, timeouts and the data end."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1, 25, size=40)
+    ends = np.cumsum(lengths) - 1
+    n = int(lengths.sum()) + 6  # 6 more steps: a partial episode at the end
+    is_term = rng.random(40) < 0.5
+    p = tmp_path / "mixed.hdf5"
+    write_d4rl(p, n=n, terminals=flags(n, ends[is_term]), timeouts=flags(n, ends[~is_term]), seed=seed)
+    return p
+
+
+def test_data_windows_stay_inside_episodes(tmp_path):
+    d = data.load("hopper-medium-v2", path=mixed_file(tmp_path))
+    L = 8
+    s = data.WindowSampler(d, length=L)
+    # valid starts follow the documented rule, computed here by a plain loop
+    want = []
+    for st, n, term in zip(d.episode_starts, d.episode_lengths, d.episode_terminal):
+        want += [st + k for k in range(n if term else max(n - L, 0) + 1)]
+    assert s.starts.tolist() == want and len(s) == len(want)
+    b = s.sample(4096, torch.Generator().manual_seed(0))
+    pos = (b["start"][:, None] + torch.arange(L)).numpy()
+    ep = np.searchsorted(d.episode_starts, pos, side="right") - 1  # (B, L) episode id of each position
+    real = b["mask"].numpy() == 1
+    assert real[:, 0].all()
+    assert (ep[real] == np.broadcast_to(ep[:, :1], ep.shape)[real]).all(), "a window crosses an episode boundary"
+    norm = torch.as_tensor(d.normalizer.normalize(d.observations))
+    diff = (b["states"][torch.as_tensor(real)] - norm[pos[real]]).abs().max().item()
+    print("max window state diff", diff)
+    assert diff < 1e-6
+    assert torch.allclose(b["rtg"][..., 0][torch.as_tensor(real)], torch.as_tensor(d.rtg[pos[real]]))
+    assert b["states"].shape == (4096, L, 11) and b["actions"].shape == (4096, L, 3) and b["rtg"].shape == (4096, L, 1)
+
+
+def test_data_padding_repeats_last_state_masked(tmp_path):
+    p = tmp_path / "f.hdf5"
+    # episode 0: 3 steps ending on a terminal; episode 1: 2 steps ending on a timeout (shorter than the window)
+    write_d4rl(p, n=5, terminals=flags(5, [2]), timeouts=flags(5, [4]))
+    d = data.load("hopper-medium-v2", path=p)
+    s = data.WindowSampler(d, length=5)
+    assert s.starts.tolist() == [0, 1, 2, 3]
+    b = s.sample(64, torch.Generator().manual_seed(0))
+    norm = torch.as_tensor(d.normalizer.normalize(d.observations))
+    seen = set()
+    for i in range(64):
+        st = int(b["start"][i])
+        seen.add(st)
+        last, terminal_ep = (2, True) if st < 3 else (4, False)
+        n_real = last - st + 1
+        assert b["mask"][i].tolist() == [1.0] * n_real + [0.0] * (5 - n_real)
+        pad = slice(n_real, 5)
+        assert torch.equal(b["states"][i, pad], norm[last].expand(5 - n_real, -1))  # repeats the last state
+        assert (b["actions"][i, pad] == 0).all() and (b["rtg"][i, pad] == 0).all()
+        assert (b["next_mask"][i, pad] == 0).all()
+        want_terminal = [terminal_ep and j >= n_real - 1 for j in range(5)]  # the terminal step and its padding
+        assert b["terminal"][i].tolist() == want_terminal
+    assert seen == {0, 1, 2, 3}
+
+
+def test_data_same_seed_same_batch(tmp_path):
+    d = data.load("hopper-medium-v2", path=mixed_file(tmp_path))
+    s = data.WindowSampler(d, length=6)
+    a = s.sample(32, torch.Generator().manual_seed(7))
+    b = s.sample(32, torch.Generator().manual_seed(7))
+    c = s.sample(32, torch.Generator().manual_seed(8))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert not torch.equal(a["start"], c["start"])
+    g = torch.Generator().manual_seed(3)  # a saved generator state reproduces the continuation
+    s.sample(32, g)
+    state = g.get_state()
+    x = s.sample(32, g)
+    g2 = torch.Generator()
+    g2.set_state(state)
+    assert torch.equal(x["start"], s.sample(32, g2)["start"])
+
+
+# ------------------------------------------------------------------------------------------ normalizer, scores
+def test_data_normalizer_roundtrip_and_constant_dim():
+    rng = np.random.default_rng(0)
+    x = rng.normal(3.0, 2.0, size=(500, 4))
+    x[:, 2] = 5.0  # a constant dimension
+    n = data.Normalizer.fit(x)
+    assert float(n.std[2]) == pytest.approx(data.Normalizer.STD_FLOOR) and n.n_floored == 1
+    z = n.normalize(x)
+    assert np.abs(z[:, 2]).max() < 1e-5 and np.abs(z[:, [0, 1, 3]].mean(0)).max() < 1e-5
+    np.testing.assert_allclose(z[:, [0, 1, 3]].std(0), 1.0, rtol=1e-5)
+    back = n.unnormalize(z)
+    print("max numpy roundtrip diff", np.abs(back - x).max())
+    assert np.abs(back - x).max() < 1e-4
+    t = torch.as_tensor(x, dtype=torch.float32).reshape(50, 10, 4)  # (B, H, S)
+    zt = n.normalize(t)
+    assert zt.dtype == torch.float32 and zt.shape == (50, 10, 4)
+    print("max numpy/torch diff", (zt.reshape(500, 4) - torch.as_tensor(z, dtype=torch.float32)).abs().max().item())
+    assert torch.allclose(zt.reshape(500, 4), torch.as_tensor(z, dtype=torch.float32), atol=1e-5)
+    m = data.Normalizer.from_state_dict(n.state_dict())
+    assert torch.equal(m.mean, n.mean) and torch.equal(m.std, n.std)
+    assert all(torch.is_tensor(v) for v in n.state_dict().values())
+
+
+def test_data_reference_scores_equal_d4rl_infos():
+    ref = {"halfcheetah": (-280.178953, 12135.0), "hopper": (-20.272305, 3234.3), "walker2d": (1.629008, 4592.3),
+           "pen": (96.262799, 3076.8331017826877), "hammer": (-274.856578, 12794.134825156867),
+           "door": (-56.512833, 2880.5693087298737), "relocate": (-6.425911, 4233.877797728884),
+           "kitchen": (0.0, 4.0)}
+    assert len(data.DATASETS) == 15 + 12 + 3 + 1
+    for name, info in data.DATASETS.items():
+        assert (info.ref_min, info.ref_max) == ref[name.split("-")[0]], name
+    assert data.normalized_score("hopper-medium-v2", 3234.3) == pytest.approx(100.0)
+    np.testing.assert_allclose(data.normalized_score("kitchen-mixed-v0", np.array([0.0, 2.0, 4.0])), [0, 50, 100])
+    assert data.get_info("pen-human-v1").url == "http://rail.eecs.berkeley.edu/datasets/offline_rl/hand_dapg_v1/pen-human-v1.hdf5"
+    assert data.get_info("walker2d-medium-replay-v2").url.endswith("/gym_mujoco_v2/walker2d_medium_replay-v2.hdf5")
+
+
+def test_data_bundled_dataset_matches_readme():
+    d = data.load("halfcheetah-medium-sb3")
+    assert len(d.observations) == 100000 and len(d.episode_lengths) == 100
+    with h5py.File(ROOT / "datasets" / "halfcheetah-medium-sb3.hdf5") as f:
+        recorded = f["metadata/episode_returns"][()]
+    print("max episode return diff vs metadata", np.abs(d.episode_returns - recorded).max())
+    np.testing.assert_allclose(d.episode_returns, recorded, rtol=1e-4)
+    assert d.episode_returns.mean() == pytest.approx(3951.9, abs=0.05)
+    assert data.normalized_score("halfcheetah-medium-sb3", d.episode_returns.mean()) == pytest.approx(34.1, abs=0.05)
+    s = d.summary()
+    assert "100000 transitions" in s and "100 episodes" in s
+
+
+# ------------------------------------------------------------------------------------------ download, minari
+def test_data_download_failure_one_line(tmp_path):
+    url = "http://127.0.0.1:9/x.hdf5"  # the discard port: refused at once, never leaves the machine
+    dest = tmp_path / "cache" / "x.hdf5"
+    one_line_error(lambda: data.download(url, dest, timeout=0.5), url, str(dest), "--dataset")
+    assert not dest.exists() and not list(dest.parent.glob("*.part"))
+
+
+def test_data_download_failure_through_load(tmp_path, monkeypatch):
+    monkeypatch.setenv("D4RL_DATASET_DIR", str(tmp_path))
+
+    def offline(*a, **k):
+        raise urllib.error.URLError("network is unreachable")
+
+    monkeypatch.setattr(data.urllib.request, "urlopen", offline)
+    info = data.get_info("hopper-medium-v2")
+    one_line_error(lambda: data.load("hopper-medium-v2"), info.url, str(tmp_path / info.filename), "--dataset")
+    one_line_error(lambda: data.load("hopper-medium-v2", download=False), str(tmp_path / info.filename))
+
+
+def test_data_download_checks_file_before_rename(tmp_path):
+    src = tmp_path / "src.hdf5"
+    write_d4rl(src, n=50)
+    dest = tmp_path / "cache" / "hopper_medium-v2.hdf5"
+    data.download(src.as_uri(), dest)  # file:// URL: the same streaming path, no network
+    assert dest.read_bytes() == src.read_bytes()
+    bad = tmp_path / "bad.hdf5"
+    bad.write_bytes(src.read_bytes()[:1000])
+    dest2 = tmp_path / "cache" / "other.hdf5"
+    one_line_error(lambda: data.download(bad.as_uri(), dest2), bad.as_uri(), str(dest2))
+    assert not dest2.exists() and not list(dest2.parent.glob("*.part"))
+
+
+class FakeEpisode:
+    def __init__(self, T, terminated, rng):
+        self.observations = {"observation": rng.normal(size=(T + 1, 59)),
+                             "achieved_goal": {"microwave": rng.normal(size=(T + 1, 1))}}
+        self.actions = rng.normal(size=(T, 9)).astype(np.float32)
+        self.rewards = rng.integers(0, 2, size=T).astype(np.float64)
+        self.terminations = flags(T, [T - 1] if terminated else [])
+        self.truncations = np.zeros(T, bool)  # the last episode ends with neither flag set
+
+
+def test_data_kitchen_from_minari(monkeypatch):
+    rng = np.random.default_rng(0)
+    eps = [FakeEpisode(50, True, rng), FakeEpisode(30, False, rng)]
+    fake = types.SimpleNamespace(load_dataset=lambda i, download=False: types.SimpleNamespace(
+        iterate_episodes=lambda: iter(eps), spec=types.SimpleNamespace(data_path=f"/minari/{i}")))
+    monkeypatch.setitem(sys.modules, "minari", fake)
+    d = data.load("kitchen-partial-v0")
+    assert str(d.path) == "/minari/D4RL/kitchen/partial-v2"
+    assert d.episode_lengths.tolist() == [50, 30] and d.episode_terminal.tolist() == [True, False]
+    np.testing.assert_allclose(d.observations[:50], eps[0].observations["observation"][:50], rtol=1e-6)
+    np.testing.assert_allclose(d.next_observations[50:], eps[1].observations["observation"][1:], rtol=1e-6)
+    np.testing.assert_allclose(d.episode_returns, [eps[0].rewards.sum(), eps[1].rewards.sum()])
+    monkeypatch.setitem(sys.modules, "minari", None)  # not installed
+    one_line_error(lambda: data.load("kitchen-partial-v0"), "kitchen-partial-v0", "pip install minari", "--dataset")
+
+
+# ------------------------------------------------------------------------------------------ CLI
+def run_cli(*args):
+    return subprocess.run([sys.executable, str(ROOT / "data.py"), *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120, env={**os.environ, "D4RL_DATASET_DIR": "/nonexistent-d4rl"})
+
+
+def test_data_cli_list_and_summary():
+    r = run_cli("--list")
+    assert r.returncode == 0, r.stderr
+    for name, info in data.DATASETS.items():
+        line = next(l for l in r.stdout.splitlines() if l.split()[0] == name)
+        assert info.env_id in line and f" {info.obs_dim} " in line and f" {info.act_dim} " in line
+    r = run_cli("--env", "halfcheetah-medium-sb3")
+    assert r.returncode == 0, r.stderr
+    assert "100000 transitions" in r.stdout and "100 episodes" in r.stdout and "normalized" in r.stdout
+
+
+def test_data_cli_error_is_one_line():
+    r = run_cli("--env", "halfcheetah-medum-v2")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "halfcheetah-medium-v2" in r.stderr
+    r = run_cli("--env", "hopper-medium-v2", "--no-download")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "/nonexistent-d4rl/hopper_medium-v2.hdf5" in r.stderr
+
+
+def test_data_make_env_delegates_to_envs():
+    info = data.get_info("halfcheetah-medium-sb3")
+    env = data.make_env("halfcheetah-medium-sb3", seed=0)
+    obs, _ = env.reset(seed=0)
+    assert obs.shape == (info.obs_dim,) and env.action_space.shape == (info.act_dim,)
+    env.close()
+
+
+# ====================================================================================================
+# envs
+# ====================================================================================================
+ALL_INFOS = list(data.DATASETS.values())
+
+
+def _id(kind, model, name):
+    obj = {"body": mujoco.mjtObj.mjOBJ_BODY, "site": mujoco.mjtObj.mjOBJ_SITE, "joint": mujoco.mjtObj.mjOBJ_JOINT}
+    i = mujoco.mj_name2id(model, obj[kind], name)
+    assert i >= 0, f"{name} not in model"
+    return i
+
+
+@pytest.mark.parametrize("info", ALL_INFOS, ids=lambda i: i.name)
+def test_envs_build_reset_step(info):
+    env = data.make_env(info.name, seed=0)
+    assert env.observation_space.shape == (info.obs_dim,) and env.action_space.shape == (info.act_dim,)
+    obs, _ = env.reset()
+    assert obs.shape == (info.obs_dim,) and np.all(np.isfinite(obs))
+    first = obs.copy()
+    for _ in range(3):
+        obs, reward, terminated, truncated, _ = env.step(env.action_space.sample())
+        assert obs.shape == (info.obs_dim,) and np.all(np.isfinite(obs)) and math.isfinite(reward)
+        assert not truncated  # every limit is >= 100 steps
+    assert not np.array_equal(obs, first)  # the sim moved
+    assert env.spec.max_episode_steps == info.max_episode_steps
+    env.close()
+
+
+@pytest.mark.parametrize("name", ["hopper-medium-v2", "relocate-human-v1", "kitchen-mixed-v0"])
+def test_envs_seeding(name):
+    def rollout(seed, reset_seed=None):
+        env = data.make_env(name, seed=seed)
+        first, _ = env.reset(seed=reset_seed)
+        actions = [env.action_space.sample() for _ in range(2)]
+        stepped = [env.step(a)[0] for a in actions]
+        second, _ = env.reset()  # no seed: continues the env's stream
+        return first, np.concatenate([*actions, *stepped, second])
+
+    (a0, a), (b0, b), (c0, c) = rollout(3), rollout(3), rollout(4)
+    assert np.array_equal(a0, b0) and np.array_equal(a, b)
+    assert not np.array_equal(a0, c0) and not np.array_equal(a, c)
+    assert np.array_equal(rollout(4, reset_seed=3)[0], a0)  # an explicit reset seed wins
+
+
+# ----------------------------------------------------------------------------- Adroit
+
+def _d4rl_reward(task, m, d):
+    """D4RL hand_manipulation_suite/{pen,door,hammer,relocate}_v0.py reward, written out from the sim state."""
+    palm = d.site_xpos[_id("site", m, "S_grasp")]
+    if task == "pen":
+        obj = d.xpos[_id("body", m, "Object")]
+        goal = d.site_xpos[_id("site", m, "eps_ball")]
+        top, bot = d.site_xpos[_id("site", m, "object_top")], d.site_xpos[_id("site", m, "object_bottom")]
+        ttop, tbot = d.site_xpos[_id("site", m, "target_top")], d.site_xpos[_id("site", m, "target_bottom")]
+        dist = np.linalg.norm(obj - goal)
+        sim = np.dot((top - bot) / np.linalg.norm(top - bot), (ttop - tbot) / np.linalg.norm(ttop - tbot))
+        r = -dist + sim + 10 * (dist < 0.075 and sim > 0.9) + 50 * (dist < 0.075 and sim > 0.95)
+        return r - 5 * (obj[2] < 0.075)
+    if task == "door":
+        handle = d.site_xpos[_id("site", m, "S_handle")]
+        door = d.qpos[m.jnt_qposadr[_id("joint", m, "door_hinge")]]
+        r = -0.1 * np.linalg.norm(palm - handle) - 0.1 * (door - 1.57) ** 2 - 1e-5 * np.sum(d.qvel ** 2)
+        return r + 2 * (door > 0.2) + 8 * (door > 1.0) + 10 * (door > 1.35)
+    if task == "hammer":
+        obj = d.xpos[_id("body", m, "Object")]
+        tool, nail = d.site_xpos[_id("site", m, "tool")], d.site_xpos[_id("site", m, "S_target")]
+        goal = d.site_xpos[_id("site", m, "nail_goal")]
+        r = -0.1 * np.linalg.norm(palm - obj) - np.linalg.norm(tool - nail) - 10 * np.linalg.norm(nail - goal)
+        r -= 1e-2 * np.linalg.norm(d.qvel)
+        r += 2 * (obj[2] > 0.04 and tool[2] > 0.04)
+        return r + 25 * (np.linalg.norm(nail - goal) < 0.02) + 75 * (np.linalg.norm(nail - goal) < 0.01)
+    obj, target = d.xpos[_id("body", m, "Object")], d.site_xpos[_id("site", m, "target")]  # relocate
+    r = -0.1 * np.linalg.norm(palm - obj)
+    if obj[2] > 0.04:
+        r += 1.0 - 0.5 * np.linalg.norm(palm - target) - 0.5 * np.linalg.norm(obj - target)
+    return r + 10 * (np.linalg.norm(obj - target) < 0.1) + 20 * (np.linalg.norm(obj - target) < 0.05)
+
+
+@pytest.mark.parametrize("task", ["pen", "door", "hammer", "relocate"])
+def test_envs_adroit_reward_matches_d4rl(task):
+    env = data.make_env(f"{task}-expert-v1", seed=1)
+    env.reset()
+    m, d = env.unwrapped.model, env.unwrapped.data
+    diffs = []
+    for _ in range(5):
+        _, reward, _, _, _ = env.step(env.action_space.sample())
+        diffs.append(abs(reward - _d4rl_reward(task, m, d)))
+    print(f"{task}: max |wrapped reward - D4RL formula| = {max(diffs):.3e}")
+    assert max(diffs) < 1e-10
+    if task != "pen":  # gymnasium-robotics' own reward, from the same state and action, has the flipped sign
+        a, qpos, qvel = env.action_space.sample(), d.qpos.copy(), d.qvel.copy()
+        raw = env.unwrapped.step(a)[1]
+        env.unwrapped.set_state(qpos, qvel)
+        assert raw - env.step(a)[1] > 1e-3  # = 0.2 * ||palm - object||
+
+
+def test_envs_pen_truncates_at_100_steps():
+    env = data.make_env("pen-human-v1", seed=0)
+    env.reset()
+    for t in range(1, 101):
+        _, _, terminated, truncated, _ = env.step(np.zeros(24, dtype=np.float32))  # mid-range action holds the pen
+        assert not terminated
+        assert truncated == (t == 100)
+
+
+def test_envs_pen_terminates_on_drop():
+    env = data.make_env("pen-human-v1", seed=0)
+    env.reset()
+    m, d = env.unwrapped.model, env.unwrapped.data
+    _, r_up, terminated, _, _ = env.step(np.zeros(24, dtype=np.float32))
+    assert not terminated and d.xpos[_id("body", m, "Object")][2] > envs.PEN_DROP_HEIGHT
+    qpos, qvel = d.qpos.copy(), d.qvel.copy()
+    # lower the pen by 0.2 along the world z axis (~0.24 -> ~0.04, below D4RL's 0.075): the slide joint
+    # OBJT* is expressed in the pen's rotated frame, so pick the one whose world axis is vertical
+    slide = [_id("joint", m, f"OBJT{c}") for c in "xyz"]
+    j = max(slide, key=lambda j: abs(d.xaxis[j][2]))
+    qpos[m.jnt_qposadr[j]] -= 0.2 * np.sign(d.xaxis[j][2])
+    env.unwrapped.set_state(qpos, qvel)
+    _, reward, terminated, truncated, _ = env.step(np.zeros(24, dtype=np.float32))
+    z = d.xpos[_id("body", m, "Object")][2]
+    print(f"pen z after the drop: {z:.4f}; reward {reward:.4f} vs formula {_d4rl_reward('pen', m, d):.4f}")
+    assert z < envs.PEN_DROP_HEIGHT and terminated and not truncated
+    assert abs(reward - _d4rl_reward("pen", m, d)) < 1e-10 and reward < r_up - 4  # the -5 drop penalty
+
+
+# ----------------------------------------------------------------------------- legacy dynamics
+
+def _old_capsule_model(xml_path):
+    """Compile the XML with every capsule as MuJoCo < 2.1.2 weighed it: a cylinder of half-height l + r/2."""
+    spec = mujoco.MjSpec.from_file(xml_path)
+    for g in spec.geoms:
+        if g.type == mujoco.mjtGeom.mjGEOM_CAPSULE:
+            assert np.isnan(g.fromto[0]), "fromto capsules would need their length from fromto"
+            g.type = mujoco.mjtGeom.mjGEOM_CYLINDER
+            g.size[1] += g.size[0] / 2
+    return spec.compile()
+
+
+@pytest.mark.parametrize("name,heavier", [("hopper-medium-v2", 0.036), ("walker2d-medium-v2", 0.043)])
+def test_envs_legacy_dynamics(name, heavier):
+    new = data.make_env(name).unwrapped
+    env = data.make_env(name, legacy_dynamics=True)
+    m = env.unwrapped.model
+    table = envs.LEGACY_BODY_INERTIA[data.DATASETS[name].env_id]
+    for body, (mass, inertia) in table.items():
+        b = _id("body", m, body)
+        assert m.body_mass[b] == mass and np.array_equal(m.body_inertia[b], inertia)
+    ratio = new.model.body_mass.sum() / m.body_mass.sum() - 1
+    print(f"{name}: MuJoCo 3 bodies are {100 * ratio:.2f}% heavier than the legacy ones")
+    assert abs(ratio - heavier) < 1e-3
+    # oracle: MuJoCo's own compile of the old cylinder approximation, and the mass matrix at a random state
+    old = _old_capsule_model(env.unwrapped.fullpath)
+    fields = ["body_mass", "body_inertia", "body_ipos", "body_iquat", "body_subtreemass", "body_invweight0",
+              "dof_invweight0", "dof_M0", "actuator_acc0"]
+    worst = max(np.abs(getattr(m, f) - getattr(old, f)).max() for f in fields)
+    env.reset(seed=0)
+    env.step(env.action_space.sample())
+    full = []
+    for model in (m, old):  # (nv, nv) joint-space inertia at the stepped state
+        d = mujoco.MjData(model)
+        d.qpos[:], d.qvel[:] = env.unwrapped.data.qpos, env.unwrapped.data.qvel
+        mujoco.mj_forward(model, d)
+        full.append(np.zeros((model.nv, model.nv)))
+        mujoco.mj_fullM(model, d, full[-1])
+    worst_qm = np.abs(full[0] - full[1]).max()
+    print(f"{name}: max |patched - cylinder-compiled| model fields {worst:.2e}, qM {worst_qm:.2e}")
+    assert worst < 1e-12 and worst_qm < 1e-12
+    assert np.abs(new.model.body_inertia - m.body_inertia).max() > 1e-3  # the patch changed something
+
+
+@pytest.mark.parametrize("name", ["halfcheetah-medium-v2", "pen-human-v1", "kitchen-partial-v0"])
+def test_envs_legacy_dynamics_rejects_other_envs(name):
+    with pytest.raises(ValueError, match="legacy_dynamics") as err:
+        data.make_env(name, legacy_dynamics=True)
+    assert "\n" not in str(err.value)
+
+
+def test_envs_dims_mismatch_is_an_error():
+    info = dataclasses.replace(data.DATASETS["hopper-medium-v2"], obs_dim=12)
+    with pytest.raises(ValueError, match="registered with"):
+        envs.make_env(info)
+
+
+# ----------------------------------------------------------------------------- kitchen
+
+@pytest.mark.parametrize("name", ["kitchen-complete-v0", "kitchen-partial-v0", "kitchen-mixed-v0"])
+def test_envs_kitchen_tasks_and_reward(name):
+    env = data.make_env(name, seed=0)
+    obs, _ = env.reset()
+    assert obs.shape == (59,)
+    inner = env.unwrapped
+    assert sorted(inner.goal) == sorted(envs.KITCHEN_TASKS[name.split("-")[1]])
+    assert ("bottom burner" in inner.goal) == (name == "kitchen-mixed-v0")  # D4RL's task lists
+    rewards = [env.step(np.zeros(9))[1] for _ in range(3)]
+    assert rewards == [0.0, 0.0, 0.0]  # nothing completed
+    # open the microwave (D4RL goal -0.75): reward 1 once, then 0 because the task is removed
+    qpos, qvel = inner.data.qpos.copy(), inner.data.qvel.copy()
+    qpos[22] = -0.75
+    inner.robot_env.set_state(qpos, qvel)
+    steps = [env.step(np.zeros(9)) for _ in range(3)]
+    assert [s[1] for s in steps] == [1.0, 0.0, 0.0] and not any(s[2] for s in steps)
+
+
+# ====================================================================================================
+# glue
+# ====================================================================================================
+ROOT_DIR = pathlib.Path(train.__file__).resolve().parent
+# A model small enough that a handful of steps and a 1000-step evaluation take seconds on one core.
+TINY_FLAGS = ["--tf-half-dim", "8", "--tf-layers", "1", "--tf-heads", "2", "--tf-ffn", "16", "--unet-dim", "8",
+              "--unet-mults", "1,2", "--invdyn-hidden", "16", "--no-use-critic", "--n-candidates", "1",
+              "--batch-size", "8", "--horizon", "4", "--refine-steps", "2", "--n-timesteps", "10", "--threads", "1"]
+
+
+def run_cli(*args, check=True, timeout=300):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", MUJOCO_GL=os.environ.get("MUJOCO_GL", "egl"))
+    p = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT_DIR, capture_output=True, text=True,
+                       timeout=timeout, env=env)
+    if check:
+        assert p.returncode == 0, f"{args} exited {p.returncode}\nstdout:\n{p.stdout[-3000:]}\nstderr:\n{p.stderr[-3000:]}"
+    return p
+
+
+def cheetah_file(path, episodes=3, steps=60, seed=0):
+    """A small HalfCheetah-shaped (17/6) D4RL-layout file: `episodes` episodes ending on timeouts."""
+    n = episodes * steps
+    timeouts = np.zeros(n, bool)
+    timeouts[steps - 1::steps] = True
+    write_d4rl(path, n=n, obs_dim=17, act_dim=6, timeouts=timeouts, seed=seed)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    d = tmp_path_factory.mktemp("glue")
+    f = cheetah_file(d / "tiny.hdf5")
+    out = d / "run"
+    p = run_cli("train.py", "--env", "halfcheetah-medium-sb3", "--dataset", f, "--steps", "12", "--save-every", "6",
+                "--log-every", "4", "--eval-episodes", "0", "--out", out, *TINY_FLAGS)
+    return {"file": f, "out": out, "stdout": p.stdout}
+
+
+def test_cli_train_writes_run_directory(tiny_run):
+    out = tiny_run["out"]
+    assert (out / "checkpoint.pt").is_file() and (out / "config.json").is_file()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [4, 8, 12]
+    assert all(math.isfinite(v) for r in rows if "loss" in r for v in r["loss"].values())
+    assert set(rows[0]["loss"]) == {"transformer", "diffusion", "invdyn"}
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["env"] == "halfcheetah-medium-sb3" and cfg["horizon"] == 4 and cfg["context"] == 3
+    # start-up facts are printed: data summary, parameter counts, resolved config
+    s = tiny_run["stdout"]
+    assert "180 transitions" in s and "3 episodes" in s and "M parameters" in s and "config:" in s
+    ckpt = train.load_checkpoint(out / "checkpoint.pt")
+    assert ckpt["step"] == 12
+    assert set(ckpt["models"]) == {"transformer", "diffusion", "ema", "invdyn"}
+
+
+def test_cli_plan_json_after_train(tiny_run, tmp_path):
+    js = tmp_path / "r.json"
+    p = run_cli("plan.py", "--checkpoint", tiny_run["out"] / "checkpoint.pt", "--episodes", "1", "--json", js,
+                "--threads", "1")
+    r = json.loads(js.read_text())
+    for key in ("env", "planner", "episodes", "return_mean", "return_std", "normalized_score_mean",
+                "normalized_score_std", "ms_per_decision"):
+        assert key in r, key
+    assert r["env"] == "halfcheetah-medium-sb3" and r["planner"] == "td" and r["episodes"] == 1
+    assert all(math.isfinite(r[k]) for k in ("return_mean", "normalized_score_mean", "ms_per_decision"))
+    assert abs(r["normalized_score_mean"] - float(data.normalized_score("halfcheetah-medium-sb3", r["return_mean"]))) < 1e-6
+    assert "episode 0 (seed 100)" in p.stdout and "normalized score" in p.stdout
+
+
+def test_cli_resume_continues_from_saved_step(tiny_run, tmp_path):
+    import shutil
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run["out"], out)
+    p = run_cli("train.py", "--env", "halfcheetah-medium-sb3", "--dataset", tiny_run["file"], "--steps", "16",
+                "--log-every", "4", "--eval-episodes", "0", "--out", out, "--resume", "--threads", "1")
+    assert "resuming from step 12" in p.stdout
+    ckpt = train.load_checkpoint(out / "checkpoint.pt")
+    assert ckpt["step"] == 16
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [4, 8, 12, 16]
+    assert ckpt["config"]["horizon"] == 4  # the checkpoint's config wins on resume
+
+
+def test_cli_plan_missing_checkpoint_one_line_error(tmp_path):
+    p = run_cli("plan.py", "--checkpoint", tmp_path / "nope" / "checkpoint.pt", check=False)
+    assert p.returncode == 2
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "does not exist" in lines[0], p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_cli_help_lists_config_flags():
+    p = run_cli("train.py", "--help")
+    for flag in ("--env", "--dataset", "--steps", "--seed", "--device", "--out", "--resume", "--eval-episodes"):
+        assert flag in p.stdout, flag
+
+
+def test_cli_config_precedence():
+    """Config defaults < the env's table row < explicit flags."""
+    cfg = train.resolve_config({"env": "hopper-medium-v2"})
+    assert (cfg.horizon, cfg.refine_steps, cfg.guidance, cfg.target_return) == (16, 5, 1.2, 3100)
+    assert cfg.context == 15 and cfg.steps == 1_000_000 and cfg.unet_dim == 64  # official sizes for D4RL names
+    cfg = train.resolve_config({"env": "hopper-medium-v2", "horizon": 8, "context": 2})
+    assert cfg.horizon == 8 and cfg.context == 2
+    cfg = train.resolve_config({"env": "pen-human-v1"})
+    assert (cfg.horizon, cfg.refine_steps, cfg.guidance, cfg.lr) == (16, 2, 1.3, 1e-4)
+    quick = train.resolve_config({"env": "halfcheetah-medium-sb3"})
+    assert quick.target_return < 5300 and quick.steps < 100_000  # CPU-sized, a target the data reach
+
+
+def test_cli_every_dataset_has_one_table_row():
+    """The per-env settings live in one table, covering every registered dataset."""
+    assert set(train.ENV_TABLE) == set(data.DATASETS)
+    for name, row in train.ENV_TABLE.items():
+        cfg = train.resolve_config({"env": name})
+        levels = len(cfg.unet_mults.split(","))
+        assert cfg.horizon % 2 ** (levels - 1) == 0, name  # the U-Net accepts every row's horizon
+
+
+def test_plan_planner_api_acts_within_bounds(tiny_run):
+    planner = plan.Planner.from_checkpoint(tiny_run["out"] / "checkpoint.pt", device="cpu")
+    env = data.make_env("halfcheetah-medium-sb3", seed=0)
+    obs, _ = env.reset(seed=0)
+    planner.reset()
+    reward = None
+    for _ in range(planner.cfg.context + 3):  # run past the context so the history slides
+        a = planner.act(obs, reward)
+        assert a.shape == (6,) and np.all(a >= -1) and np.all(a <= 1)
+        obs, reward, *_ = env.step(a)
+    # the target return is decremented by r / scale and floored at a third of its start
+    assert planner.R.shape == (1, 1)
+    assert planner.R.item() >= planner.R0 * planner.cfg.rtg_floor - 1e-6
+    batch = planner.act(np.stack([obs, obs]), None)  # a new batch size restarts the episodes
+    assert batch.shape == (2, 6) and planner.t == 1
+
+
+def test_plan_planner_variants_calls(tiny_run):
+    ck = tiny_run["out"] / "checkpoint.pt"
+    tf = plan.Planner.from_checkpoint(ck, device="cpu", planner="transformer")
+    td = plan.Planner.from_checkpoint(ck, device="cpu")
+    dd = plan.Planner.from_checkpoint(ck, device="cpu", planner="diffusion")
+    H = td.cfg.horizon
+    assert tf.k == 0 and tf.calls_per_decision() == (H - 1) + 1
+    assert td.k == 2 and td.calls_per_decision() == (H - 1) + 2 + 1
+    assert dd.calls_per_decision() == td.cfg.n_timesteps + 1
+    with pytest.raises(train.UsageError):
+        plan.Planner.from_checkpoint(ck, device="cpu", refine_steps=td.cfg.n_timesteps + 1)
+    with pytest.raises(train.UsageError):
+        plan.Planner.from_checkpoint(ck, device="cpu", n_candidates=4)  # no critic in this checkpoint
+
+
+def test_speed_benchmark_tiny_has_every_row(tiny_run, tmp_path):
+    js = tmp_path / "b.json"
+    p = run_cli("plan.py", "--checkpoint", tiny_run["out"] / "checkpoint.pt", "--benchmark", "--decisions", "2",
+                "--reference-decisions", "1", "--reference-scale", "tiny", "--ks", "1,2,5", "--json", js,
+                "--threads", "1")
+    b = json.loads(js.read_text())
+    assert b["torch"] == torch.__version__ and b["device"]
+    rows = b["rows"]
+    for r in rows:
+        assert set(r) >= {"planner", "decisions", "k", "batch", "ms_per_decision", "calls_per_decision"}
+        assert r["ms_per_decision"] > 0
+    got = {(r["planner"], r["k"], r["batch"]) for r in rows}
+    for batch in (1, 10):
+        assert ("transformer", 0, batch) in got and ("diffusion", 10, batch) in got
+        assert {("td", k, batch) for k in (1, 2, 5)} <= got
+    assert {r["planner"] for r in rows if r["batch"] == 1} >= {"td-official", "dd-reference"}
+    assert all(r["batch"] == 1 for r in rows if r["planner"] in ("td-official", "dd-reference"))
+    assert "diffusion / td(k=5)" in p.stdout and "dd-reference / td-official" in p.stdout
