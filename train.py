@@ -86,7 +86,8 @@ class Config:
     context: int = _f(0, "C, history tokens the transformer sees; 0 = H - 1 (the official context length)")
     refine_steps: int = _f(5, "k, diffusion steps that refine the transformer plan (official halfcheetah 5)")
     guidance: float = _f(1.1, "classifier-free guidance weight w (official halfcheetah 1.1)")
-    target_return: float = _f(5300.0, "episode return the planner conditions on (official halfcheetah-medium 5300)")
+    target_return: float = _f(5300.0, "episode return the planner conditions on (official halfcheetah-medium 5300); "
+                                      "0 = the best episode return in the training data")
     rtg_floor: float = _f(1 / 3, "the decremented target never drops below this fraction of its start (official)")
     n_candidates: int = _f(32, "plans per decision, ranked by the critic (official 32)")
     critic_temperature: float = _f(1.0, "softmax temperature over critic values; 0 = argmax (official 1)")
@@ -132,13 +133,15 @@ def _build_env_table() -> dict[str, dict]:
             table[f"{task}-{quality}-v1"] = dict(horizon=h, refine_steps=k, guidance=w, target_return=target, lr=1e-4)
     for name, target in (("partial", 500), ("mixed", 400), ("complete", 500)):  # complete takes partial's
         table[f"kitchen-{name}-v0"] = dict(horizon=32, refine_steps=5, guidance=1.2, target_return=target, lr=1e-4)
-    # The bundled stand-in: halfcheetah-medium's planning settings (H, k, w), a target at the data's best
-    # episode (4785; the official 5300 lies above every episode of this file), and CPU-sized models and
+    # The bundled stand-in: halfcheetah-medium's planning settings (H, k, w), the target read off the data
+    # (its best episode, 4785 here; the official 5300 lies above every episode of this file; reading it off
+    # the data keeps the recipe usable on other halfcheetah files via --dataset), and CPU-sized models and
     # budget so that training plus a 10-episode evaluation finishes in under 20 minutes on 2 CPU cores.
     table["halfcheetah-medium-sb3"] = dict(
-        horizon=8, refine_steps=5, guidance=1.1, target_return=4800, lr=5e-4,
-        steps=12_000, lr_decay_steps=12_000, ema_start=1_000, save_every=2_000, batch_size=64,
-        tf_half_dim=64, tf_ffn=256, tf_layers=3, unet_dim=32, invdyn_hidden=256, n_candidates=1, use_critic=False)
+        horizon=8, refine_steps=5, guidance=1.1, target_return=0, lr=5e-4,
+        steps=10_000, lr_decay_steps=10_000, ema_start=1_000, save_every=2_000, batch_size=64,
+        tf_half_dim=64, tf_ffn=256, tf_layers=3, unet_dim=32, unet_mults="1,2,4", invdyn_hidden=256,
+        n_candidates=1, use_critic=False)
     return table
 
 
@@ -313,8 +316,9 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means the same thing to the user
-        raise UsageError(f"checkpoint {path} could not be read ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                         f"is it a train.py checkpoint?") from e
+        reason = ("it holds Python objects that a safe load (weights_only=True) refuses to build"
+                  if type(e).__name__ == "UnpicklingError" else f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+        raise UsageError(f"checkpoint {path} could not be read ({reason}); is it a train.py checkpoint?") from e
     version = ckpt.get("format_version") if isinstance(ckpt, dict) else None
     if version != FORMAT_VERSION:
         raise UsageError(f"checkpoint {path} has format version {version}, this code reads version "
@@ -399,6 +403,22 @@ def train_step(batch_L: dict, batch_H: dict, losses_of: dict, optims: dict, sche
     return out
 
 
+def check_ranks_in_sync(models: dict, rank: int, world: int) -> bool:
+    """DDP keeps the replicas equal (same initial weights, averaged gradients); check it at the end of a run:
+    every rank's float64 sum and sum of squares of every parameter and buffer must equal every other's."""
+    import torch.distributed as dist
+    sums = torch.stack([s for m in models.values() for t in m.state_dict().values()
+                        for s in (t.double().sum(), t.double().square().sum())])  # (2 * tensors,)
+    gathered = [torch.empty_like(sums) for _ in range(world)]
+    dist.all_gather(gathered, sums)
+    ok = all(torch.equal(g, gathered[0]) for g in gathered)
+    if rank == 0:
+        print(f"ranks in sync: {ok} ({world} ranks)")
+    if not ok:
+        raise RuntimeError(f"rank {rank}: the DDP replicas' weights differ after training")
+    return ok
+
+
 def evaluate_run(cfg: Config, models: dict, normalizer, device, dims, episodes: int, step: int, log) -> dict:
     import plan
     planner = plan.Planner(cfg, models, normalizer, device, dims)
@@ -454,8 +474,10 @@ def train(given: dict) -> Path:
                 "log_every", "batch_envs", "out"}
         cfg = dataclasses.replace(old, **{k: v for k, v in dataclasses.asdict(cfg).items() if k in keep})
 
-    set_seed(cfg.seed + rank)
+    set_seed(cfg.seed)  # every rank builds the same initial weights, the EMA copy included
     data = D.load(cfg.env, cfg.dataset or None, rtg_scale=cfg.rtg_scale, discount=cfg.discount)
+    if cfg.target_return <= 0:  # a target read off the data: its best episode (resolved once, saved in config)
+        cfg.target_return = float(data.episode_returns.max())
     S, A = data.observations.shape[1], data.actions.shape[1]
     dims = {"state_dim": S, "action_dim": A}
     sampler_L = D.WindowSampler(data, cfg.context + cfg.horizon - 1, device=device)
@@ -463,6 +485,8 @@ def train(given: dict) -> Path:
     data_gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)  # each rank draws different windows
 
     models = build_models(cfg, S, A)
+    if rank:
+        set_seed(cfg.seed + rank)  # then each rank draws its own dropout and diffusion noise
     for m in models.values():
         m.to(device)
     trained = [k for k in models if k != "ema"]
@@ -478,6 +502,9 @@ def train(given: dict) -> Path:
             scheds[k].load_state_dict(ckpt["schedulers"][k])
         set_rng_state(ckpt["rng"], data_gen)
         step = ckpt["step"]
+        if rank:  # the checkpoint holds rank 0's streams; the others start new ones, distinct per rank and step
+            set_seed(cfg.seed + rank + world * step)
+            data_gen.manual_seed(cfg.seed * 1000 + rank + world * step)
         data.normalizer = D.Normalizer.from_state_dict(ckpt["normalizer"])
 
     losses_of = {k: _LossOf(models[k]) for k in trained}
@@ -543,6 +570,8 @@ def train(given: dict) -> Path:
             for m in models.values():
                 m.train()
     bar.close()
+    if world > 1:
+        check_ranks_in_sync(models, rank, world)
     save()
     if main_rank and cfg.eval_episodes > 0:
         evaluate_run(cfg, models, data.normalizer, device, dims, cfg.eval_episodes, step, log)
