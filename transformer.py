@@ -155,7 +155,7 @@ class TrajectoryTransformer(nn.Module):
     def loss(self, states, rtg, mask=None):
         """Official loss MSE(state) + MSE(rtg) on next-token prediction. The target of position t is
         token t+1, counted only where mask[:, t+1] == 1 (mask (B, L) float, None = all ones).
-        Returns (scalar loss, {"state": float, "rtg": float})."""
+        Returns (scalar loss, {"state": tensor, "rtg": tensor}), the parts detached for logging."""
         self._check(states, rtg)
         B, L, _ = states.shape
         if L < 2:
@@ -171,8 +171,8 @@ class TrajectoryTransformer(nn.Module):
         err_r = (pred_r[:, :-1] - rtg[:, 1:]).pow(2).squeeze(-1)                   # (B, L-1, 1) -> (B, L-1)
         loss_s = (err_s * weight).sum() / count
         loss_r = (err_r * weight).sum() / count
-        logged = torch.stack([loss_s, loss_r]).tolist()                            # one host sync for both
-        return loss_s + loss_r, {"state": logged[0], "rtg": logged[1]}
+        # detached tensors, not floats: reading them back would force a host sync every training step
+        return loss_s + loss_r, {"state": loss_s.detach(), "rtg": loss_r.detach()}
 
     @torch.no_grad()
     def rollout(self, states, rtg, n_steps, use_cache=True):
