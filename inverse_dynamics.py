@@ -106,9 +106,14 @@ def select_candidate(q, temperature=1.0, generator=None):
 def clamp_action(a, low, high):
     """Clamp actions a (..., A) into the environment's bounds low, high (scalars or (A,) arrays/tensors).
     The planner applies this to the action it executes; the official code clamps only inside the
-    inverse-dynamics training loss instead (see InverseDynamics)."""
+    inverse-dynamics training loss instead (see InverseDynamics). The low <= high check runs on the host,
+    before the bounds move to a's device, so that the call never waits on the GPU (and can be captured
+    in a CUDA graph)."""
+    on_device = torch.is_tensor(low) and torch.is_tensor(high) and low.device == high.device == a.device
+    if a.device.type == "cpu" or not on_device:  # bounds already on an accelerator were checked by the caller
+        low_h, high_h = torch.as_tensor(low, dtype=a.dtype), torch.as_tensor(high, dtype=a.dtype)
+        if bool((low_h.cpu() > high_h.cpu()).any()):
+            raise ValueError("action bounds must satisfy low <= high")
     low = torch.as_tensor(low, dtype=a.dtype, device=a.device)
     high = torch.as_tensor(high, dtype=a.dtype, device=a.device)
-    if bool((low > high).any()):
-        raise ValueError("action bounds must satisfy low <= high")
     return torch.clamp(a, min=low, max=high)

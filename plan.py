@@ -62,10 +62,16 @@ class Planner:
             raise T.UsageError(f"{self.N} candidates need the critic, but this checkpoint has none "
                                f"(trained with --no-use-critic); use --candidates 1")
         self.target = cfg.target_return if target_return is None else target_return
-        low, high = env_bounds if env_bounds is not None else (-1.0, 1.0)
-        self.low = torch.as_tensor(low, dtype=torch.float32, device=self.device)
-        self.high = torch.as_tensor(high, dtype=torch.float32, device=self.device)
+        self.set_bounds(*(env_bounds if env_bounds is not None else (-1.0, 1.0)))
         self.reset(1)
+
+    def set_bounds(self, low, high) -> None:
+        """The action bounds executed actions are clamped to; checked on the host, then kept on the device."""
+        low = torch.as_tensor(np.asarray(low, dtype=np.float32))
+        high = torch.as_tensor(np.asarray(high, dtype=np.float32))
+        if bool((low > high).any()):
+            raise T.UsageError("action bounds must satisfy low <= high")
+        self.low, self.high = low.to(self.device), high.to(self.device)
 
     @classmethod
     def from_checkpoint(cls, path, device: str = "auto", **kwargs) -> "Planner":
@@ -192,8 +198,7 @@ def evaluate(planner: Planner, env_name: str, episodes: int, seed: int = 100, ba
         kw = {"legacy_dynamics": True} if planner.cfg.legacy_dynamics else {}
         envs = [D.make_env(env_name, seed=seed + start + i, **kw) for i in range(n)]
         obs = np.stack([e.reset(seed=seed + start + i)[0] for i, e in enumerate(envs)])
-        planner.low = torch.as_tensor(envs[0].action_space.low, device=planner.device)
-        planner.high = torch.as_tensor(envs[0].action_space.high, device=planner.device)
+        planner.set_bounds(envs[0].action_space.low, envs[0].action_space.high)
         planner.reset(n)
         ret, done, reward = np.zeros(n), np.zeros(n, bool), None
         while not done.all():

@@ -78,6 +78,7 @@ class Config:
     batch_envs: int = _f(10, "environments planned together in one batched call during evaluation")
     legacy_dynamics: bool = _f(False, "hopper/walker2d: evaluate with the body masses D4RL's data was collected with")
     amp: bool = _f(False, "bf16 autocast for the training forward passes (CUDA only)")
+    cuda_graph: bool = _f(False, "capture the whole training step as one CUDA graph and replay it (CUDA, 1 process)")
     # --- data ---
     rtg_scale: float = _f(1000.0, "returns-to-go are divided by this (official 1000)")
     discount: float = _f(1.0, "return-to-go discount (official: undiscounted; its --gamma is unused)")
@@ -371,8 +372,7 @@ def ema_update(ema: nn.Module, model: nn.Module, step: int, cfg: Config) -> None
     if step < cfg.ema_start:
         ema.load_state_dict(model.state_dict())
         return
-    for pe, pm in zip(ema.parameters(), model.parameters()):
-        pe.lerp_(pm, 1.0 - cfg.ema_decay)
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - cfg.ema_decay)  # one launch
 
 
 def train_step(batch_L: dict, batch_H: dict, losses_of: dict, optims: dict, scheds: dict, cfg: Config, amp) -> dict:
@@ -398,9 +398,55 @@ def train_step(batch_L: dict, batch_H: dict, losses_of: dict, optims: dict, sche
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(losses_of[name].parameters(), cfg.grad_clip)
         opt.step()
-        scheds[name].step()
+        if scheds is not None:
+            scheds[name].step()
         out[name] = loss.detach()
     return out
+
+
+class GraphedStep:
+    """--cuda-graph: one training step of all the models, captured once as a CUDA graph and replayed.
+
+    At these model sizes a step is over a thousand small kernels, so eager training on a GPU is bound by
+    kernel launches, not arithmetic. Replay removes the launches. The captured code is train_step itself;
+    new batches are copied into the static input tensors, the optimizers run with capturable=True and
+    tensor learning rates (the LambdaLR schedule fills them in place), and the EMA update stays outside.
+    The steps before capture run eagerly on a side stream (CUDA's warm-up requirement); they are real,
+    counted training steps. Not combined with DistributedDataParallel."""
+
+    WARMUP = 3  # eager steps before capture: lazy initialisation (cuBLAS workspaces, optimizer state)
+
+    def __init__(self, losses_of: dict, optims: dict, scheds: dict, cfg: Config, amp, device):
+        self.losses_of, self.optims, self.scheds, self.cfg, self.amp = losses_of, optims, scheds, cfg, amp
+        self.graph, self.calls = None, 0
+        for opt in optims.values():
+            for group in opt.param_groups:
+                group["capturable"] = True
+                group["lr"] = torch.tensor(float(group["lr"]), device=device)
+        self.side = torch.cuda.Stream(device)
+
+    def __call__(self, batch_L: dict, batch_H: dict) -> dict:
+        self.calls += 1
+        if self.calls <= self.WARMUP:
+            self.side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.side):
+                out = train_step(batch_L, batch_H, self.losses_of, self.optims, self.scheds, self.cfg, self.amp)
+            torch.cuda.current_stream().wait_stream(self.side)
+            return out
+        if self.graph is None:
+            self.static_L = {k: v.clone() for k, v in batch_L.items()}
+            self.static_H = {k: v.clone() for k, v in batch_H.items()}
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.static_out = train_step(self.static_L, self.static_H, self.losses_of, self.optims, None,
+                                             self.cfg, self.amp)
+        for static, batch in ((self.static_L, batch_L), (self.static_H, batch_H)):
+            for k, v in static.items():
+                v.copy_(batch[k], non_blocking=True)
+        self.graph.replay()
+        for sched in self.scheds.values():
+            sched.step()  # LambdaLR fills the tensor learning rates in place
+        return {k: v.clone() for k, v in self.static_out.items()}
 
 
 def check_ranks_in_sync(models: dict, rank: int, world: int) -> bool:
@@ -514,6 +560,13 @@ def train(given: dict) -> Path:
         losses_of = {k: DDP(m, device_ids=ids) for k, m in losses_of.items()}
     amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if (cfg.amp and device.type == "cuda") \
         else (lambda: torch.autocast("cpu", enabled=False))
+    if cfg.cuda_graph:
+        if device.type != "cuda" or world > 1:
+            raise UsageError("--cuda-graph needs a CUDA device and a single process (not torchrun)")
+        step_fn = GraphedStep(losses_of, optims, scheds, cfg, amp, device)
+    else:
+        def step_fn(batch_L, batch_H):
+            return train_step(batch_L, batch_H, losses_of, optims, scheds, cfg, amp)
 
     main_rank = rank == 0
     if main_rank:
@@ -547,7 +600,7 @@ def train(given: dict) -> Path:
     while step < cfg.steps:
         batch_L = sampler_L.sample(cfg.batch_size, data_gen)
         batch_H = sampler_H.sample(cfg.batch_size, data_gen)
-        losses = train_step(batch_L, batch_H, losses_of, optims, scheds, cfg, amp)
+        losses = step_fn(batch_L, batch_H)
         step += 1
         ema_update(models["ema"], models["diffusion"], step, cfg)
         for k, v in losses.items():

@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
-# GPU numbers for the README's Speed section: training throughput at the official sizes (batch 32, with and
-# without bf16 autocast), then the side-by-side benchmark, eager and with CUDA-graph replay.
-# Usage: OUT=results bash scripts/gpu_speed.sh
+# GPU numbers for the README's Speed section: training throughput at the official sizes (batch 32; eager,
+# eager with bf16 autocast, and CUDA-graph replay), then the side-by-side planning benchmark, eager and
+# with CUDA-graph replay. Usage: OUT=results bash scripts/gpu_speed.sh
 set -euo pipefail
-OUT=${OUT:-results}; mkdir -p "$OUT"; RUN=${RUN:-/tmp/td_official}
+OUT=${OUT:-results}; mkdir -p "$OUT"; RUN=${RUN:-/tmp/td_official}; STEPS=${STEPS:-2000}
 OFFICIAL="--env halfcheetah-medium-sb3 --device cuda --batch-size 32 --tf-half-dim 256 --tf-layers 4 --tf-ffn 512
   --unet-dim 64 --unet-mults 1,2,4,8 --n-candidates 32 --use-critic --eval-episodes 0 --log-every 500 --save-every 100000"
 nvidia-smi -L || true
-rm -rf "$RUN" "$RUN-amp"
-python3 train.py $OFFICIAL --steps ${STEPS:-3000} --out "$RUN" 2>/dev/null | grep -E "parameters|device"
-cp "$RUN/metrics.jsonl" "$OUT/train_official_fp32.jsonl"
-python3 train.py $OFFICIAL --steps ${STEPS:-3000} --amp --out "$RUN-amp" 2>/dev/null | grep -E "device" || true
-cp "$RUN-amp/metrics.jsonl" "$OUT/train_official_bf16.jsonl"
-tail -n1 "$OUT"/train_official_*.jsonl
-python3 plan.py --checkpoint "$RUN/checkpoint.pt" --benchmark --device cuda --json "$OUT/bench_gpu_eager.json" --decisions 50 --reference-decisions 10
-python3 plan.py --checkpoint "$RUN/checkpoint.pt" --benchmark --device cuda --cuda-graph --json "$OUT/bench_gpu_graph.json" --decisions 50 --reference-decisions 10
+for variant in eager:"" bf16:"--amp" graph:"--cuda-graph"; do
+  name=${variant%%:*}; flags=${variant#*:}
+  rm -rf "$RUN-$name"
+  python3 train.py $OFFICIAL --steps $STEPS $flags --out "$RUN-$name" 2>/dev/null | grep -E "parameters" || true
+  cp "$RUN-$name/metrics.jsonl" "$OUT/train_official_$name.jsonl"
+  echo "$name: $(tail -n1 "$OUT/train_official_$name.jsonl")"
+done
+python3 plan.py --checkpoint "$RUN-eager/checkpoint.pt" --benchmark --device cuda --cuda-graph --json "$OUT/bench_gpu_graph.json" --decisions 50 --reference-decisions 10
