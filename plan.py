@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 import train as T
+from inverse_dynamics import clamp_action, select_candidate
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -118,6 +119,13 @@ class Planner:
         a = a.float().cpu().numpy()
         return a[0] if single else a
 
+    def enable_compile(self) -> None:
+        """torch.compile the two hot paths (the transformer rollout and the U-Net), so that inductor fuses
+        their many small elementwise kernels; combine with enable_cuda_graphs to replay the fused kernels.
+        Only the planner's copies are wrapped; checkpoints and the hand-written code are unchanged."""
+        self.transformer.rollout = torch.compile(self.transformer.rollout, dynamic=False)
+        self.denoiser.model.forward = torch.compile(self.denoiser.model.forward, dynamic=False)
+
     def enable_cuda_graphs(self) -> None:
         """Capture each fixed-shape decision (one per batch size and history length c) as a CUDA graph and
         replay it. A decision is a dozen sequential network calls but over a thousand small kernels, so on
@@ -164,7 +172,6 @@ class Planner:
             x = torch.cat([s0[:, None], future], dim=1)                  # (B*N, H, S)
             if self.k > 0:
                 x = self.denoiser.refine(x, self.k, R, self.w, add_noise=self.cfg.refine_noise)
-        from inverse_dynamics import clamp_action, select_candidate
         a = clamp_action(self.invdyn(x[:, 0], x[:, 1]), self.low, self.high)  # (B*N, A)
         if N > 1:
             q = self.critic(x[:, 0], a).view(B, N)                       # (B*N,) -> (B, N)
@@ -325,15 +332,18 @@ def reference_planner(kind: str, device, scale: str, n_candidates: int) -> Plann
 
 
 def benchmark(ckpt_path, device: str, decisions: int, ref_decisions: int, ks=(1, 2, 5, 10, 20),
-              batches=(1, 10), reference_scale: str = "full", cuda_graph: bool = False) -> dict:
+              batches=(1, 10), reference_scale: str = "full", cuda_graph: bool = False, compile: bool = False) -> dict:
     dev = T.pick_device(device)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{dev.type} ({torch.get_num_threads()} threads)"
-    print(f"device: {name}   torch {torch.__version__}   cuda graphs: {'on' if cuda_graph else 'off'}")
+    print(f"device: {name}   torch {torch.__version__}   cuda graphs: {'on' if cuda_graph else 'off'}   "
+          f"compile: {'on' if compile else 'off'}")
     rows = []
     if cuda_graph:
         check_cuda_graph(ckpt_path, device)
 
     def add(label, planner, batch, n):
+        if compile:
+            planner.enable_compile()
         if cuda_graph:
             planner.enable_cuda_graphs()
         ms = time_decisions(planner, batch, n)
@@ -462,6 +472,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="benchmark: tiny stand-ins for the reference rows (tests only)")
     p.add_argument("--cuda-graph", action="store_true",
                    help="capture each decision as a CUDA graph and replay it (CUDA only; checked against eager)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the rollout and the U-Net (fused kernels); pair with --cuda-graph on CUDA")
+    p.add_argument("--batches", default="1,10", help="benchmark: environments planned together, per row")
     p.add_argument("--sweep-k", action="store_true", help="score and time at each k (and the endpoints)")
     p.add_argument("--ks", default="1,2,5,10,20", help="k values for --benchmark and --sweep-k")
     p.add_argument("--plot", default=None, help="--sweep-k: write the score-vs-latency PNG here")
@@ -489,13 +502,16 @@ def run(args) -> None:
     ks = [int(k) for k in args.ks.split(",") if k]
     if args.benchmark:
         res = benchmark(args.checkpoint, args.device, args.decisions, args.reference_decisions, ks,
-                        reference_scale=args.reference_scale, cuda_graph=args.cuda_graph)
+                        batches=[int(b) for b in args.batches.split(",")], reference_scale=args.reference_scale,
+                        cuda_graph=args.cuda_graph, compile=args.compile)
     elif args.sweep_k:
         res = sweep_k(args.checkpoint, args.device, args.episodes, args.seed, args.batch_envs, ks, args.plot)
     else:
         planner = Planner.from_checkpoint(args.checkpoint, device=args.device, planner=args.planner,
                                           refine_steps=args.refine_steps, guidance=args.guidance,
                                           n_candidates=args.candidates, target_return=args.target_return)
+        if args.compile:
+            planner.enable_compile()
         if args.cuda_graph:
             planner.enable_cuda_graphs()
         if args.video:
