@@ -228,7 +228,8 @@ def evaluate(planner: Planner, env_name: str, episodes: int, seed: int = 100, ba
     bar.close()
     scores = [float(D.normalized_score(env_name, r)) for r in returns]
     return {"env": env_name, "planner": planner.planner, "episodes": episodes, "k": planner.k,
-            "guidance": planner.w, "candidates": planner.N,
+            "guidance": planner.w, "candidates": planner.N, "refine_noise": planner.cfg.refine_noise,
+            "causal": planner.cfg.causal, "target_return": planner.target,
             "return_mean": float(np.mean(returns)), "return_std": float(np.std(returns)),
             "normalized_score_mean": float(np.mean(scores)), "normalized_score_std": float(np.std(scores)),
             "ms_per_decision": 1000.0 * plan_s / max(1, decisions), "returns": returns, "normalized_scores": scores}
@@ -381,12 +382,15 @@ def benchmark(ckpt_path, device: str, decisions: int, ref_decisions: int, ks=(1,
     return {"device": name, "torch": torch.__version__, "rows": rows}
 
 
-def sweep_k(ckpt_path, device: str, episodes: int, seed: int, batch_envs: int, ks, plot: str | None) -> list:
+def sweep_k(ckpt_path, device: str, episodes: int, seed: int, batch_envs: int, ks, plot: str | None,
+            cuda_graph: bool = False) -> list:
     """Score and time per k: the paper's trade-off curve, with the transformer (k=0) and diffusion endpoints."""
     base = Planner.from_checkpoint(ckpt_path, device=device)
     results = []
     for planner, k in [("transformer", 0)] + [("td", k) for k in ks] + [("diffusion", None)]:
         p = Planner.from_checkpoint(ckpt_path, device=device, planner=planner, refine_steps=k)
+        if cuda_graph:
+            p.enable_cuda_graphs()
         r = evaluate(p, base.cfg.env, episodes, seed, batch_envs)
         r["ms_benchmark"] = time_decisions(p, 1, 10)
         print(format_result(r), f"| {r['ms_benchmark']:.2f} ms per decision at batch 1")
@@ -463,6 +467,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=None, help="w; default: the checkpoint's")
     p.add_argument("--candidates", type=int, default=None, help="plans per decision; default: the checkpoint's")
     p.add_argument("--target-return", type=float, default=None, help="default: the checkpoint's")
+    p.add_argument("--refine-noise", default=None, action=argparse.BooleanOptionalAction,
+                   help="--no-refine-noise: the official variant, the plan taken as x_k with no noise added")
     p.add_argument("--json", default=None, help="write the result (or benchmark rows) as JSON here")
     p.add_argument("--benchmark", action="store_true", help="time every planner side by side")
     p.add_argument("--decisions", type=int, default=20, help="benchmark: timed decisions per row")
@@ -505,11 +511,14 @@ def run(args) -> None:
                         batches=[int(b) for b in args.batches.split(",")], reference_scale=args.reference_scale,
                         cuda_graph=args.cuda_graph, compile=args.compile)
     elif args.sweep_k:
-        res = sweep_k(args.checkpoint, args.device, args.episodes, args.seed, args.batch_envs, ks, args.plot)
+        res = sweep_k(args.checkpoint, args.device, args.episodes, args.seed, args.batch_envs, ks, args.plot,
+                      cuda_graph=args.cuda_graph)
     else:
         planner = Planner.from_checkpoint(args.checkpoint, device=args.device, planner=args.planner,
                                           refine_steps=args.refine_steps, guidance=args.guidance,
                                           n_candidates=args.candidates, target_return=args.target_return)
+        if args.refine_noise is not None:
+            planner.cfg.refine_noise = args.refine_noise
         if args.compile:
             planner.enable_compile()
         if args.cuda_graph:
