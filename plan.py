@@ -82,6 +82,8 @@ class Planner:
         cfg = T.config_from_checkpoint(ckpt)
         models = T.build_models(cfg, ckpt["dims"]["state_dim"], ckpt["dims"]["action_dim"])
         for k, m in models.items():
+            if k == "diffusion" and k not in ckpt["models"]:
+                continue  # an export for planning keeps only the EMA denoiser, the one planning uses
             m.load_state_dict(ckpt["models"][k], strict=True)
             m.to(dev)
         normalizer = D.Normalizer.from_state_dict(ckpt["normalizer"])

@@ -11,8 +11,11 @@ import json
 import math
 import os
 import pathlib
+import shutil
+import signal
 import subprocess
 import sys
+import time
 import types
 import urllib.error
 
@@ -1123,7 +1126,7 @@ TINY_FLAGS = ["--tf-half-dim", "8", "--tf-layers", "1", "--tf-heads", "2", "--tf
               "--batch-size", "8", "--horizon", "4", "--refine-steps", "2", "--n-timesteps", "10", "--threads", "1"]
 
 
-def run_cli(*args, check=True, timeout=300):
+def run_script(*args, check=True, timeout=300):
     env = dict(os.environ, PYTHONUNBUFFERED="1", MUJOCO_GL=os.environ.get("MUJOCO_GL", "egl"))
     p = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT_DIR, capture_output=True, text=True,
                        timeout=timeout, env=env)
@@ -1146,7 +1149,7 @@ def tiny_run(tmp_path_factory):
     d = tmp_path_factory.mktemp("glue")
     f = cheetah_file(d / "tiny.hdf5")
     out = d / "run"
-    p = run_cli("train.py", "--env", "halfcheetah-medium-sb3", "--dataset", f, "--steps", "12", "--save-every", "6",
+    p = run_script("train.py", "--env", "halfcheetah-medium-sb3", "--dataset", f, "--steps", "12", "--save-every", "6",
                 "--log-every", "4", "--eval-episodes", "0", "--out", out, *TINY_FLAGS)
     return {"file": f, "out": out, "stdout": p.stdout}
 
@@ -1160,6 +1163,8 @@ def test_cli_train_writes_run_directory(tiny_run):
     assert set(rows[0]["loss"]) == {"transformer", "diffusion", "invdyn"}
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["env"] == "halfcheetah-medium-sb3" and cfg["horizon"] == 4 and cfg["context"] == 3
+    best = data.load("halfcheetah-medium-sb3", path=tiny_run["file"]).episode_returns.max()
+    assert cfg["target_return"] == pytest.approx(float(best))  # target 0 resolves to the data's best episode
     # start-up facts are printed: data summary, parameter counts, resolved config
     s = tiny_run["stdout"]
     assert "180 transitions" in s and "3 episodes" in s and "M parameters" in s and "config:" in s
@@ -1170,7 +1175,7 @@ def test_cli_train_writes_run_directory(tiny_run):
 
 def test_cli_plan_json_after_train(tiny_run, tmp_path):
     js = tmp_path / "r.json"
-    p = run_cli("plan.py", "--checkpoint", tiny_run["out"] / "checkpoint.pt", "--episodes", "1", "--json", js,
+    p = run_script("plan.py", "--checkpoint", tiny_run["out"] / "checkpoint.pt", "--episodes", "1", "--json", js,
                 "--threads", "1")
     r = json.loads(js.read_text())
     for key in ("env", "planner", "episodes", "return_mean", "return_std", "normalized_score_mean",
@@ -1186,7 +1191,7 @@ def test_cli_resume_continues_from_saved_step(tiny_run, tmp_path):
     import shutil
     out = tmp_path / "run"
     shutil.copytree(tiny_run["out"], out)
-    p = run_cli("train.py", "--env", "halfcheetah-medium-sb3", "--dataset", tiny_run["file"], "--steps", "16",
+    p = run_script("train.py", "--env", "halfcheetah-medium-sb3", "--dataset", tiny_run["file"], "--steps", "16",
                 "--log-every", "4", "--eval-episodes", "0", "--out", out, "--resume", "--threads", "1")
     assert "resuming from step 12" in p.stdout
     ckpt = train.load_checkpoint(out / "checkpoint.pt")
@@ -1197,7 +1202,7 @@ def test_cli_resume_continues_from_saved_step(tiny_run, tmp_path):
 
 
 def test_cli_plan_missing_checkpoint_one_line_error(tmp_path):
-    p = run_cli("plan.py", "--checkpoint", tmp_path / "nope" / "checkpoint.pt", check=False)
+    p = run_script("plan.py", "--checkpoint", tmp_path / "nope" / "checkpoint.pt", check=False)
     assert p.returncode == 2
     lines = [line for line in p.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and "does not exist" in lines[0], p.stderr
@@ -1205,7 +1210,7 @@ def test_cli_plan_missing_checkpoint_one_line_error(tmp_path):
 
 
 def test_cli_help_lists_config_flags():
-    p = run_cli("train.py", "--help")
+    p = run_script("train.py", "--help")
     for flag in ("--env", "--dataset", "--steps", "--seed", "--device", "--out", "--resume", "--eval-episodes"):
         assert flag in p.stdout, flag
 
@@ -1220,7 +1225,7 @@ def test_cli_config_precedence():
     cfg = train.resolve_config({"env": "pen-human-v1"})
     assert (cfg.horizon, cfg.refine_steps, cfg.guidance, cfg.lr) == (16, 2, 1.3, 1e-4)
     quick = train.resolve_config({"env": "halfcheetah-medium-sb3"})
-    assert quick.target_return < 5300 and quick.steps < 100_000  # CPU-sized, a target the data reach
+    assert quick.target_return == 0 and quick.steps < 100_000  # CPU-sized; the target is read off the data
 
 
 def test_cli_every_dataset_has_one_table_row():
@@ -1266,7 +1271,7 @@ def test_plan_planner_variants_calls(tiny_run):
 
 def test_speed_benchmark_tiny_has_every_row(tiny_run, tmp_path):
     js = tmp_path / "b.json"
-    p = run_cli("plan.py", "--checkpoint", tiny_run["out"] / "checkpoint.pt", "--benchmark", "--decisions", "2",
+    p = run_script("plan.py", "--checkpoint", tiny_run["out"] / "checkpoint.pt", "--benchmark", "--decisions", "2",
                 "--reference-decisions", "1", "--reference-scale", "tiny", "--ks", "1,2,5", "--json", js,
                 "--threads", "1")
     b = json.loads(js.read_text())
@@ -1282,3 +1287,301 @@ def test_speed_benchmark_tiny_has_every_row(tiny_run, tmp_path):
     assert {r["planner"] for r in rows if r["batch"] == 1} >= {"td-official", "dd-reference"}
     assert all(r["batch"] == 1 for r in rows if r["planner"] in ("td-official", "dd-reference"))
     assert "diffusion / td(k=5)" in p.stdout and "dd-reference / td-official" in p.stdout
+
+
+# ====================================================================================================
+# reliability
+# ====================================================================================================
+REL_ROOT = pathlib.Path(data.__file__).resolve().parent
+# Tiny models and budgets: every subprocess below trains in about a second on one CPU thread.
+REL_TINY = ["--tf-half-dim", "8", "--tf-layers", "1", "--tf-heads", "2", "--tf-ffn", "16", "--unet-dim", "8",
+            "--unet-mults", "1,2", "--invdyn-hidden", "16", "--no-use-critic", "--n-candidates", "1",
+            "--batch-size", "8", "--horizon", "4", "--refine-steps", "2", "--n-timesteps", "10", "--threads", "1",
+            "--eval-episodes", "0", "--device", "cpu"]
+REL_ENV = "halfcheetah-medium-sb3"
+
+
+def rel_run(args, timeout=120, **env):
+    """Run `python <args>` from the repository root, offline: http(s) goes to a closed local port."""
+    full_env = dict(os.environ, MUJOCO_GL="egl", PYTHONUNBUFFERED="1", http_proxy="http://127.0.0.1:9",
+                    https_proxy="http://127.0.0.1:9", HTTP_PROXY="http://127.0.0.1:9",
+                    HTTPS_PROXY="http://127.0.0.1:9", no_proxy="", NO_PROXY="", **env)
+    return subprocess.run([sys.executable] + [str(a) for a in args], cwd=REL_ROOT, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def rel_train(out, *extra, dataset=None, **kw):
+    return rel_run(["train.py", "--env", REL_ENV, "--out", out, "--dataset", dataset] + REL_TINY + list(extra), **kw)
+
+
+def rel_tiny_dataset(path, seed=0, **override):
+    """3 episodes of 60 steps, each ending on a timeout, in HalfCheetah's dims."""
+    n, timeouts = 180, np.zeros(180, bool)
+    timeouts[[59, 119, 179]] = True
+    return write_d4rl(path, n=n, obs_dim=17, act_dim=6, timeouts=timeouts, seed=seed, **override)
+
+
+def rel_snapshot(folder) -> dict:
+    folder = pathlib.Path(folder)
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def rel_one_line_error(proc, *words) -> str:
+    """Non-zero exit, exactly one non-empty stderr line starting with 'error:', no traceback, the given words."""
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode != 0, f"exit 0; stdout: {proc.stdout[-2000:]}"
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
+    for w in words:
+        assert w in lines[0], f"{w!r} not in {lines[0]!r}"
+    print(lines[0])
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def rel_run_dir(tmp_path_factory):
+    """A real tiny run directory (20 steps, a checkpoint at 10 and at the end) and its dataset."""
+    tmp = tmp_path_factory.mktemp("rel")
+    ds = tmp / "tiny.hdf5"
+    rel_tiny_dataset(ds)
+    run = tmp / "run"
+    proc = rel_train(run, "--steps", 20, "--save-every", 10, dataset=ds)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (run / "checkpoint.pt").is_file() and (run / "config.json").is_file()
+    return run, ds
+
+
+def rel_check_refused(proc, run, before, fresh=None, *words):
+    """The command failed with one line, `run` is byte-identical, and a fresh --out was never created."""
+    msg = rel_one_line_error(proc, *words)
+    assert rel_snapshot(run) == before, "the existing run directory changed"
+    if fresh is not None:
+        assert not pathlib.Path(fresh).exists(), f"{fresh} was created by a failed run"
+    return msg
+
+
+# ------------------------------------------------------------------------------------------ bad input
+def test_reliability_unknown_env(rel_run_dir):
+    run, ds = rel_run_dir
+    before = rel_snapshot(run)
+    proc = rel_run(["train.py", "--env", "halfcheetah-medum-v2", "--out", run, "--resume"] + REL_TINY)
+    rel_check_refused(proc, run, before, None, "halfcheetah-medum-v2", "did you mean", "halfcheetah-medium-v2",
+                      "--list")
+
+
+def test_reliability_missing_dataset_file(rel_run_dir, tmp_path):
+    run, _ = rel_run_dir
+    before = rel_snapshot(run)
+    proc = rel_train(tmp_path / "new", "--steps", 5, dataset=tmp_path / "nope.hdf5")
+    rel_check_refused(proc, run, before, tmp_path / "new", "nope.hdf5", "does not exist", "--dataset")
+
+
+def test_reliability_missing_dataset_file_debug_traceback(rel_run_dir, tmp_path):
+    proc = rel_train(tmp_path / "new", "--steps", 5, "--debug", dataset=tmp_path / "nope.hdf5")
+    assert proc.returncode != 0 and "Traceback" in proc.stderr and "DataError" in proc.stderr, proc.stderr
+    assert not (tmp_path / "new").exists()
+
+
+def test_reliability_truncated_or_corrupt_hdf5(rel_run_dir, tmp_path):
+    run, _ = rel_run_dir
+    before = rel_snapshot(run)
+    good = tmp_path / "good.hdf5"
+    rel_tiny_dataset(good)
+    raw = good.read_bytes()
+    cut = tmp_path / "cut.hdf5"
+    cut.write_bytes(raw[: len(raw) // 2])  # an interrupted copy
+    proc = rel_train(tmp_path / "new", "--steps", 5, dataset=cut)
+    rel_check_refused(proc, run, before, tmp_path / "new", "cut.hdf5", "truncated or corrupt")
+    junk = tmp_path / "junk.hdf5"
+    junk.write_bytes(np.random.default_rng(0).bytes(4096))  # not hdf5 at all
+    proc = rel_train(tmp_path / "new", "--steps", 5, dataset=junk)
+    rel_check_refused(proc, run, before, tmp_path / "new", "junk.hdf5", "truncated or corrupt")
+
+
+def test_reliability_missing_key(rel_run_dir, tmp_path):
+    run, _ = rel_run_dir
+    before = rel_snapshot(run)
+    rel_tiny_dataset(tmp_path / "nokey.hdf5", actions=None)
+    proc = rel_train(tmp_path / "new", "--steps", 5, dataset=tmp_path / "nokey.hdf5")
+    rel_check_refused(proc, run, before, tmp_path / "new", "'actions'", "missing")
+
+
+def test_reliability_wrong_dims(rel_run_dir, tmp_path):
+    run, _ = rel_run_dir
+    before = rel_snapshot(run)
+    write_d4rl(tmp_path / "hopper.hdf5", n=60, obs_dim=11, act_dim=3)  # hopper's dims under a halfcheetah name
+    proc = rel_train(tmp_path / "new", "--steps", 5, dataset=tmp_path / "hopper.hdf5")
+    rel_check_refused(proc, run, before, tmp_path / "new", "'observations'", "(60, 11)", "(N, 17)", "HalfCheetah")
+
+
+def test_reliability_nan_in_data(rel_run_dir, tmp_path):
+    run, _ = rel_run_dir
+    before = rel_snapshot(run)
+    rewards = np.zeros(180, np.float32)
+    rewards[7], rewards[9] = np.nan, np.inf
+    rel_tiny_dataset(tmp_path / "nan.hdf5", rewards=rewards)
+    proc = rel_train(tmp_path / "new", "--steps", 5, dataset=tmp_path / "nan.hdf5")
+    rel_check_refused(proc, run, before, tmp_path / "new", "'rewards'", "2 NaN/inf")
+
+
+def test_reliability_empty_dataset(rel_run_dir, tmp_path):
+    run, _ = rel_run_dir
+    before = rel_snapshot(run)
+    write_d4rl(tmp_path / "empty.hdf5", n=0, obs_dim=17, act_dim=6)
+    proc = rel_train(tmp_path / "new", "--steps", 5, dataset=tmp_path / "empty.hdf5")
+    rel_check_refused(proc, run, before, tmp_path / "new", "empty", "0 transitions")
+
+
+def test_reliability_resume_other_env(rel_run_dir):
+    run, _ = rel_run_dir
+    before = rel_snapshot(run)
+    proc = rel_run(["train.py", "--env", "hopper-medium-v2", "--out", run, "--resume", "--steps", 30] + REL_TINY)
+    rel_check_refused(proc, run, before, None, "hopper-medium-v2", REL_ENV, "--env " + REL_ENV)
+
+
+def test_reliability_old_checkpoint_format(rel_run_dir, tmp_path):
+    run, _ = rel_run_dir
+    old = tmp_path / "old"
+    shutil.copytree(run, old)
+    ckpt = torch.load(old / "checkpoint.pt", weights_only=True)
+    ckpt["format_version"] = 0
+    torch.save(ckpt, old / "checkpoint.pt")
+    before = rel_snapshot(old)
+    proc = rel_run(["train.py", "--env", REL_ENV, "--out", old, "--resume", "--steps", 30] + REL_TINY)
+    rel_check_refused(proc, old, before, None, "format version 0", "version 1", "retrain")
+    proc = rel_run(["plan.py", "--checkpoint", old / "checkpoint.pt", "--episodes", 1, "--device", "cpu"])
+    rel_check_refused(proc, old, before, None, "format version 0")
+
+
+def test_reliability_cuda_without_cuda(rel_run_dir):
+    run, _ = rel_run_dir
+    before = rel_snapshot(run)
+    args = ["train.py", "--env", REL_ENV, "--out", run, "--resume", "--steps", 30] + REL_TINY + ["--device", "cuda"]
+    proc = rel_run(args, CUDA_VISIBLE_DEVICES="")  # no CUDA device visible, whatever the machine has
+    rel_check_refused(proc, run, before, None, "--device cuda", "no CUDA", "--device cpu")
+
+
+def test_reliability_offline_download(rel_run_dir, tmp_path):
+    run, _ = rel_run_dir
+    before = rel_snapshot(run)
+    cache = tmp_path / "cache"
+    info = data.get_info("halfcheetah-medium-v2")
+    t0 = time.time()
+    proc = rel_run(["train.py", "--env", info.name, "--out", tmp_path / "new"] + REL_TINY, timeout=60,
+                   D4RL_DATASET_DIR=str(cache))
+    print(f"offline download failed after {time.time() - t0:.1f} s")
+    rel_check_refused(proc, run, before, tmp_path / "new", info.url, str(cache / info.filename), "--dataset")
+    assert not cache.exists() or not any(cache.iterdir()), "a partial download was left in the cache"
+
+
+def test_reliability_out_holds_another_run(rel_run_dir):
+    run, _ = rel_run_dir
+    before = rel_snapshot(run)
+    proc = rel_train(run, "--steps", 5, "--seed", 7, dataset=rel_run_dir[1])
+    rel_check_refused(proc, run, before, None, str(run), "already holds a run", "--resume", "--out")
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+def test_reliability_checkpoint_loads_weights_only(rel_run_dir, tmp_path):
+    run, _ = rel_run_dir
+    ckpt = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True)
+    for key in ("models", "optimizers", "step", "config", "normalizer", "rng", "versions"):
+        assert key in ckpt, key
+    assert set(ckpt["models"]) == {"transformer", "diffusion", "ema", "invdyn"}
+    assert set(ckpt["optimizers"]) == {"transformer", "diffusion", "invdyn"}
+    assert ckpt["step"] == 20
+    assert type(ckpt["config"]) is dict and ckpt["config"]["env"] == REL_ENV
+    assert all(isinstance(v, (str, int, float, bool)) for v in ckpt["config"].values())
+    assert all(torch.is_tensor(v) for v in ckpt["normalizer"].values())
+    assert all(type(v) in (str, int) for v in ckpt["versions"].values())  # not TorchVersion: a class
+    key, pos, has_gauss, gauss = ckpt["rng"]["numpy"]  # numpy's MT19937 state: a tensor of its key plus plain ints
+    assert torch.is_tensor(key) and key.shape == (624,) and isinstance(pos, int)
+    assert {"python", "numpy", "torch", "data"} <= set(ckpt["rng"])
+    # a file that would run code on load (a pickled global outside torch's allow-list) is refused, in one line
+    evil = tmp_path / "evil.pt"
+    torch.save({"format_version": 1, "payload": pathlib.PurePosixPath("x")}, evil)
+    proc = rel_run(["plan.py", "--checkpoint", evil, "--episodes", 1, "--device", "cpu"])
+    rel_one_line_error(proc, "could not be read", "weights_only=True", "is it a train.py checkpoint")
+
+
+def test_reliability_kill_and_resume(rel_run_dir, tmp_path):
+    _, ds = rel_run_dir
+    steps, common = 400, ["--steps", "400", "--save-every", "10", "--log-every", "50", "--seed", "3"]
+    ref = rel_train(tmp_path / "ref", *common, dataset=ds)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+
+    out = tmp_path / "killed"
+    env = dict(os.environ, MUJOCO_GL="egl", PYTHONUNBUFFERED="1")
+    args = [sys.executable, "train.py", "--env", REL_ENV, "--out", str(out), "--dataset", str(ds)] + REL_TINY + common
+    proc = subprocess.Popen(args, cwd=REL_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not (out / "checkpoint.pt").exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL, f"the run ended on its own (exit {proc.returncode}) before the kill"
+    killed_at = torch.load(out / "checkpoint.pt", weights_only=True)["step"]
+    print(f"killed after the checkpoint at step {killed_at} of {steps}")
+    assert 0 < killed_at < steps
+
+    res = rel_run(["train.py", "--env", REL_ENV, "--out", out, "--resume", "--dataset", ds] + REL_TINY + common)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"resuming from step {killed_at}" in res.stdout
+    a = torch.load(tmp_path / "ref" / "checkpoint.pt", weights_only=True)
+    b = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert a["step"] == b["step"] == steps
+    worst = 0.0
+    for name, sd in a["models"].items():
+        for k, v in sd.items():
+            worst = max(worst, (v.double() - b["models"][name][k].double()).abs().max().item())
+            assert torch.equal(v, b["models"][name][k]), f"{name}.{k} differs after kill and resume"
+    print(f"resumed vs uninterrupted: max |diff| over every weight = {worst:.1e}")
+
+
+def rel_losses(path) -> list:
+    return [r["loss"] for r in map(json.loads, pathlib.Path(path).read_text().splitlines()) if "loss" in r]
+
+
+def test_reliability_determinism(rel_run_dir, tmp_path):
+    run, ds = rel_run_dir
+    runs = {}
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        proc = rel_train(tmp_path / name, "--steps", 50, "--log-every", 1, "--seed", seed, dataset=ds)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[name] = rel_losses(tmp_path / name / "metrics.jsonl")
+    assert len(runs["a"]) == 50 and runs["a"] == runs["b"], "same seed, different losses"
+    assert runs["a"] != runs["c"], "the seed changes nothing: this test could not fail"
+
+    returns = []
+    for i in range(2):
+        res = rel_run(["plan.py", "--checkpoint", run / "checkpoint.pt", "--episodes", 1, "--device", "cpu",
+                       "--threads", 1, "--json", tmp_path / f"eval{i}.json"])
+        assert res.returncode == 0, res.stderr[-3000:]
+        returns.append(json.loads((tmp_path / f"eval{i}.json").read_text())["returns"])
+    print(f"evaluation returns: {returns}")
+    assert returns[0] == returns[1] and np.isfinite(returns[0]).all()
+
+
+def test_reliability_torchrun_two_ranks(rel_run_dir, tmp_path):
+    _, ds = rel_run_dir
+    out = tmp_path / "ddp"
+    args = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", "--env", REL_ENV,
+            "--dataset", ds, "--steps", 20, "--out", out, "--save-every", 10, "--log-every", 5,
+            "--ema-start", 0] + REL_TINY  # EMA from step 0: its copy of the initial weights must agree too
+    proc = rel_run(args, timeout=300, OMP_NUM_THREADS="1")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "world size 2" in proc.stdout
+    assert proc.stdout.count("ranks in sync: True (2 ranks)") == 1, proc.stdout[-3000:]
+    rows = rel_losses(out / "metrics.jsonl")  # only rank 0 logs: one row per 5 steps, not two
+    assert len(rows) == 4, rows
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "config.json", "curves.png", "metrics.jsonl"]
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 20 and not any(k.startswith("module.") for sd in ckpt["models"].values() for k in sd)
+    res = rel_run(["plan.py", "--checkpoint", out / "checkpoint.pt", "--episodes", 1, "--device", "cpu",
+                   "--threads", 1, "--json", tmp_path / "ddp.json"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert np.isfinite(json.loads((tmp_path / "ddp.json").read_text())["returns"]).all()

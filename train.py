@@ -84,6 +84,8 @@ class Config:
     discount: float = _f(1.0, "return-to-go discount (official: undiscounted; its --gamma is unused)")
     # --- planning (per-env table) ---
     horizon: int = _f(8, "H, planned states per decision (official halfcheetah 8)")
+    # DEVIATION: the official transformer slides a window of H-1 tokens while it rolls out; here C history
+    # tokens are prefilled and H-1 tokens generated into a KV cache, so training windows are C + H - 1 long.
     context: int = _f(0, "C, history tokens the transformer sees; 0 = H - 1 (the official context length)")
     refine_steps: int = _f(5, "k, diffusion steps that refine the transformer plan (official halfcheetah 5)")
     guidance: float = _f(1.1, "classifier-free guidance weight w (official halfcheetah 1.1)")
@@ -138,6 +140,7 @@ def _build_env_table() -> dict[str, dict]:
     # (its best episode, 4785 here; the official 5300 lies above every episode of this file; reading it off
     # the data keeps the recipe usable on other halfcheetah files via --dataset), and CPU-sized models and
     # budget so that training plus a 10-episode evaluation finishes in under 20 minutes on 2 CPU cores.
+    # DEVIATION: lr 5e-4 at batch 64 (official 2e-4 at 32) so that 10k CPU steps suffice; smaller models.
     table["halfcheetah-medium-sb3"] = dict(
         horizon=8, refine_steps=5, guidance=1.1, target_return=0, lr=5e-4,
         steps=10_000, lr_decay_steps=10_000, ema_start=1_000, save_every=2_000, batch_size=64,
@@ -209,7 +212,8 @@ def set_threads(threads: int = 0, world_size: int = 1) -> int:
 
 def set_seed(seed: int) -> None:
     """One seed for python, numpy and torch (CPU and CUDA). Environments are seeded per episode by the
-    evaluator (eval_seed + i). CPU runs are bit-reproducible; CUDA kernels may not be (atomics, cuDNN)."""
+    evaluator (eval_seed + i). CPU runs are bit-reproducible; CUDA kernels may not be (atomics, cuDNN).
+    DEVIATION: the official code parses --seed and never applies it."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -325,6 +329,19 @@ def load_checkpoint(path, map_location="cpu") -> dict:
         raise UsageError(f"checkpoint {path} has format version {version}, this code reads version "
                          f"{FORMAT_VERSION}; retrain it, or use the project version that wrote it")
     return ckpt
+
+
+def export_for_planning(src, dst) -> Path:
+    """A small checkpoint that can act but not resume: the config, normalizer and the networks planning uses
+    (transformer, EMA denoiser, inverse dynamics, critic), without optimizers, RNG states or the raw denoiser."""
+    ckpt = load_checkpoint(src)
+    keep = {k: v for k, v in ckpt["models"].items() if k != "diffusion"}
+    slim = {k: v for k, v in ckpt.items() if k not in ("models", "optimizers", "schedulers", "rng")}
+    slim.update(models=keep, planning_only=True)
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(dst, lambda fh: torch.save(slim, fh))
+    return dst
 
 
 def config_from_checkpoint(ckpt: dict) -> Config:
@@ -512,6 +529,9 @@ def train(given: dict) -> Path:
     ckpt = None
     if cfg.resume:
         ckpt = load_checkpoint(out / "checkpoint.pt")
+        if ckpt.get("planning_only"):
+            raise UsageError(f"--resume: {out}/checkpoint.pt is an export for planning (no optimizer state); "
+                             f"resume from the original run directory")
         old = config_from_checkpoint(ckpt)
         if old.env != cfg.env:
             raise UsageError(f"--resume: {out}/checkpoint.pt was trained on {old.env}, not {cfg.env}; "
@@ -614,7 +634,7 @@ def train(given: dict) -> Path:
                 save()
                 raise UsageError(f"a loss became non-finite at step {step} ({row}); lower --lr or check the data")
             bar.set_postfix({k[:4]: f"{v:.3g}" for k, v in row.items()} | {"it/s": f"{ips:.0f}"})
-            log({"step": step, "loss": row, "lr": scheds["diffusion"].get_last_lr()[0], "it_per_s": ips})
+            log({"step": step, "loss": row, "lr": float(scheds["diffusion"].get_last_lr()[0]), "it_per_s": ips})
         bar.update(1)
         if step % cfg.save_every == 0 and step < cfg.steps:
             save()
