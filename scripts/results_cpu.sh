@@ -11,7 +11,7 @@ T="python train.py --env halfcheetah-medium-sb3 --threads 1 --eval-episodes 0"
 P="python plan.py --threads 1"
 [ -f "$MIXED" ] || python scripts/make_mixed_dataset.py --out "$MIXED" > "$OUT/mixed_dataset.log" 2>&1
 phase1() {
-  $T --seed 1 --use-critic --out $R/s1 > $R/s1.log 2>&1 &
+  $T --seed 1 --use-critic --eval-every 2500 --eval-episodes 5 --out $R/s1 > $R/s1.log 2>&1 &   # with the training curve
   $T --seed 2 --use-critic --out $R/s2 > $R/s2.log 2>&1 &
   $T --seed 0 --no-causal --out $R/nocausal > $R/nocausal.log 2>&1 &
   $T --seed 0 --dataset "$MIXED" --out $R/mixed > $R/mixed.log 2>&1 &
