@@ -429,7 +429,8 @@ def plot_sweep(results: list, png: str) -> None:
 
 
 def render_video(planner: Planner, env_name: str, path: str, seed: int, max_steps: int) -> None:
-    """One episode rendered offscreen (MUJOCO_GL=egl works headless) to a GIF or MP4 via imageio."""
+    """One episode rendered offscreen (MUJOCO_GL=egl works headless) to a GIF or MP4 via imageio, or to a
+    PNG strip of six frames."""
     import os
     os.environ.setdefault("MUJOCO_GL", "egl")
     try:
@@ -439,6 +440,12 @@ def render_video(planner: Planner, env_name: str, path: str, seed: int, max_step
     import data as D
     env = D.make_env(env_name, seed=seed, render_mode="rgb_array")
     obs, _ = env.reset(seed=seed)
+    renderer, model = getattr(env.unwrapped, "mujoco_renderer", None), getattr(env.unwrapped, "model", None)
+    if renderer is not None and model is not None:  # follow the body with the model's tracking camera, if any
+        import mujoco
+        cam = mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_CAMERA, "track")
+        if cam >= 0:
+            renderer.camera_id, renderer.camera_name = cam, None
     planner.reset(1)
     frames, reward, ret = [], None, 0.0
     for _ in range(max_steps):
@@ -448,7 +455,11 @@ def render_video(planner: Planner, env_name: str, path: str, seed: int, max_step
         if term or trunc:
             break
     env.close()
-    imageio.mimsave(path, frames, **({"duration": 1000 / 30, "loop": 0} if path.endswith(".gif") else {"fps": 30}))
+    if path.endswith(".png"):  # a strip of 6 evenly spaced frames, every other pixel, for a README
+        picks = np.linspace(0, len(frames) - 1, 6).astype(int)
+        imageio.imwrite(path, np.concatenate([frames[i][::2, ::2] for i in picks], axis=1))
+    else:
+        imageio.mimsave(path, frames, **({"duration": 1000 / 30, "loop": 0} if path.endswith(".gif") else {"fps": 30}))
     print(f"wrote {path}: {len(frames)} frames, return {ret:.1f}, "
           f"normalized {float(D.normalized_score(env_name, ret)):.1f}")
 
@@ -486,7 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep-k", action="store_true", help="score and time at each k (and the endpoints)")
     p.add_argument("--ks", default="1,2,5,10,20", help="k values for --benchmark and --sweep-k")
     p.add_argument("--plot", default=None, help="--sweep-k: write the score-vs-latency PNG here")
-    p.add_argument("--video", default=None, help="render one episode to this .gif/.mp4")
+    p.add_argument("--video", default=None, help="render one episode to this .gif/.mp4 (or a .png strip of 6 frames)")
     p.add_argument("--video-steps", type=int, default=300, help="steps rendered by --video")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     return p

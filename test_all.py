@@ -1289,6 +1289,18 @@ def test_speed_benchmark_tiny_has_every_row(tiny_run, tmp_path):
     assert "diffusion / td(k=5)" in p.stdout and "dd-reference / td-official" in p.stdout
 
 
+def test_plan_export_for_planning_acts_and_refuses_resume(tiny_run, tmp_path):
+    dst = train.export_for_planning(tiny_run["out"] / "checkpoint.pt", tmp_path / "slim" / "checkpoint.pt")
+    slim = torch.load(dst, weights_only=True)
+    assert "optimizers" not in slim and "diffusion" not in slim["models"] and "ema" in slim["models"]
+    full = plan.Planner.from_checkpoint(tiny_run["out"] / "checkpoint.pt", device="cpu", planner="transformer")
+    small = plan.Planner.from_checkpoint(dst, device="cpu", planner="transformer")
+    obs = np.zeros(17, np.float32)
+    assert np.array_equal(full.act(obs), small.act(obs))  # the same networks act the same
+    p = run_script("train.py", "--env", "halfcheetah-medium-sb3", "--out", tmp_path / "slim", "--resume", check=False)
+    assert p.returncode == 2 and "export for planning" in p.stderr
+
+
 # ====================================================================================================
 # reliability
 # ====================================================================================================
