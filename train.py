@@ -537,6 +537,7 @@ def train(given: dict) -> Path:
             raise UsageError(f"--resume: {out}/checkpoint.pt was trained on {old.env}, not {cfg.env}; "
                              f"use --env {old.env} or another --out")
         keep = {"steps", "resume", "device", "threads", "debug", "eval_episodes", "eval_every", "save_every",
+                "dataset", "amp", "cuda_graph",
                 "log_every", "batch_envs", "out"}
         cfg = dataclasses.replace(old, **{k: v for k, v in dataclasses.asdict(cfg).items() if k in keep})
 
@@ -603,6 +604,9 @@ def train(given: dict) -> Path:
             print(f"resuming from step {step}")
 
     metrics_path = out / "metrics.jsonl"
+    if main_rank and step and metrics_path.exists():  # drop rows logged after the checkpoint we resume from
+        rows = [line for line in metrics_path.read_text().splitlines() if line.strip()]
+        metrics_path.write_text("".join(line + "\n" for line in rows if json.loads(line)["step"] <= step))
 
     def log(row: dict) -> None:
         if main_rank:
