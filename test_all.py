@@ -1301,6 +1301,17 @@ def test_plan_export_for_planning_acts_and_refuses_resume(tiny_run, tmp_path):
     assert p.returncode == 2 and "export for planning" in p.stderr
 
 
+def test_plan_shipped_checkpoint_acts():
+    """The checkpoint the README points at loads safely and acts within the bounds."""
+    ck = ROOT_DIR / "checkpoints" / "halfcheetah-medium-sb3" / "checkpoint.pt"
+    planner = plan.Planner.from_checkpoint(ck, device="cpu")
+    assert planner.cfg.env == "halfcheetah-medium-sb3" and planner.k == 5
+    env = data.make_env("halfcheetah-medium-sb3", seed=0)
+    obs, _ = env.reset(seed=0)
+    a = planner.act(obs)
+    assert a.shape == (6,) and np.all(np.abs(a) <= 1) and np.all(np.isfinite(a))
+
+
 # ====================================================================================================
 # reliability
 # ====================================================================================================
