@@ -1601,7 +1601,9 @@ def test_reliability_torchrun_two_ranks(rel_run_dir, tmp_path):
     assert proc.stdout.count("ranks in sync: True (2 ranks)") == 1, proc.stdout[-3000:]
     rows = rel_losses(out / "metrics.jsonl")  # only rank 0 logs: one row per 5 steps, not two
     assert len(rows) == 4, rows
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "config.json", "curves.png", "metrics.jsonl"]
+    # curves.png is written only where the optional matplotlib is installed
+    names = sorted(p.name for p in out.iterdir() if p.name != "curves.png")
+    assert names == ["checkpoint.pt", "config.json", "metrics.jsonl"]
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ckpt["step"] == 20 and not any(k.startswith("module.") for sd in ckpt["models"].values() for k in sd)
     res = rel_run(["plan.py", "--checkpoint", out / "checkpoint.pt", "--episodes", 1, "--device", "cpu",
