@@ -188,20 +188,26 @@ def _toy_trajectories(n=64, L=10, seed=0):
     return states, rtg
 
 
-def test_transformer_learns_toy_dynamics():
-    torch.manual_seed(0)
-    model = TrajectoryTransformer(3, dropout=0.0, max_len=16, **TINY)
-    states, rtg = _toy_trajectories()
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+def _fit(loss_fn, params, lr, steps=300):
+    """Adam on loss_fn() for `steps` steps; returns the loss before and after training."""
+    opt = torch.optim.Adam(params, lr=lr)
     with torch.no_grad():
-        first = model.loss(states, rtg)[0].item()
-    for _ in range(300):
-        loss, _ = model.loss(states, rtg)
+        first = loss_fn().item()
+    for _ in range(steps):
+        loss = loss_fn()
         opt.zero_grad()
         loss.backward()
         opt.step()
     with torch.no_grad():
-        last = model.loss(states, rtg)[0].item()
+        last = loss_fn().item()
+    return first, last
+
+
+def test_transformer_learns_toy_dynamics():
+    torch.manual_seed(0)
+    model = TrajectoryTransformer(3, dropout=0.0, max_len=16, **TINY)
+    states, rtg = _toy_trajectories()
+    first, last = _fit(lambda: model.loss(states, rtg)[0], model.parameters(), lr=3e-3)
     print(f"transformer toy loss {first:.4f} -> {last:.4f} ({first / last:.1f}x)")
     assert first / last >= 5.0
 
@@ -214,16 +220,7 @@ def test_inverse_dynamics_learns_and_masks():
     a = torch.tanh(((s_next - s) / 0.3) @ w)  # action = known function of (s, s')
     torch.manual_seed(0)
     model = InverseDynamics(4, 2, hidden=32)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    with torch.no_grad():
-        first = model.loss(s, s_next, a).item()
-    for _ in range(300):
-        loss = model.loss(s, s_next, a)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    with torch.no_grad():
-        last = model.loss(s, s_next, a).item()
+    first, last = _fit(lambda: model.loss(s, s_next, a), model.parameters(), lr=3e-3)
     print(f"inverse dynamics toy loss {first:.4f} -> {last:.4f} ({first / last:.1f}x)")
     assert first / last >= 5.0
 
@@ -245,16 +242,8 @@ def test_inverse_dynamics_critic_learns_and_masks():
     rtg = (s[:, :1] - a.pow(2).sum(-1, keepdim=True))  # (256, 1): trailing singleton accepted
     torch.manual_seed(0)
     critic = Critic(3, 2, hidden=32)
-    opt = torch.optim.Adam(critic.parameters(), lr=1e-3)
+    first, last = _fit(lambda: critic.loss(s, a, rtg), critic.parameters(), lr=1e-3)
     with torch.no_grad():
-        first = critic.loss(s, a, rtg).item()
-    for _ in range(300):
-        loss = critic.loss(s, a, rtg)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    with torch.no_grad():
-        last = critic.loss(s, a, rtg).item()
         mask = (torch.arange(256) < 100).float()
         masked = critic.loss(s, a, rtg.squeeze(-1) + 1e3 * (1 - mask), mask).item()
         trunc = critic.loss(s[:100], a[:100], rtg[:100]).item()
