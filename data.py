@@ -102,11 +102,11 @@ def _build_table() -> dict[str, DatasetInfo]:
         table[f"kitchen-{kind}-v0"] = DatasetInfo(
             f"kitchen-{kind}-v0", "kitchen", env_id, s, a, T, lo, hi,
             None, "minari", "", f"D4RL/kitchen/{kind}-v2")
-    # Stand-in for halfcheetah-medium-v2 that ships with the project (datasets/README.md: SAC on HalfCheetah-v4).
+    # Stand-ins that ship with the project (datasets/README.md), real HalfCheetah-v4 rollouts of SAC policies:
+    # medium (one policy) for halfcheetah-medium-v2, medium-replay (a random policy and three checkpoints).
     env_id, s, a, T, lo, hi = LOCOMOTION["halfcheetah"]
-    table["halfcheetah-medium-sb3"] = DatasetInfo(
-        "halfcheetah-medium-sb3", "locomotion", env_id, s, a, T, lo, hi,
-        None, "bundled", "datasets/halfcheetah-medium-sb3.hdf5")
+    for name in ("halfcheetah-medium-sb3", "halfcheetah-medium-replay-sb3"):
+        table[name] = DatasetInfo(name, "locomotion", env_id, s, a, T, lo, hi, None, "bundled", f"datasets/{name}.hdf5")
     return table
 
 
@@ -321,26 +321,35 @@ def load_minari(info: DatasetInfo, download: bool = True) -> tuple[dict, str]:
 # Normalizer and returns-to-go
 # ---------------------------------------------------------------------------------------------------------
 class Normalizer:
-    """Per-dimension Gaussian normalization over all dataset states: (x - mean) / std."""
+    """Per-dimension Gaussian normalization over all dataset states: (x - mean) / std.
+
+    It also keeps each dimension's range in normalized units (low, high: the data's min and max), which the
+    denoiser clamps its x_0 predictions to; it travels with the checkpoint like mean and std.
+    """
 
     # DEVIATION: the official code divides by (std + 1e-8), which turns a constant dimension's tiny evaluation-
     # time drift into huge inputs. A floor of 1e-2 is small against D4RL state scales (0.1 to 10) and caps that
     # blow-up at 100x; a dimension this flat carries no signal the models could lose.
     STD_FLOOR = 1e-2
 
-    def __init__(self, mean, std):
-        mean = torch.as_tensor(np.asarray(mean) if not torch.is_tensor(mean) else mean).detach().cpu().float()
-        std = torch.as_tensor(np.asarray(std) if not torch.is_tensor(std) else std).detach().cpu().float()
+    def __init__(self, mean, std, low=None, high=None):
+        def vec(v):
+            return torch.as_tensor(np.asarray(v) if not torch.is_tensor(v) else v).detach().cpu().float()
+        mean, std = vec(mean), vec(std)
         if mean.ndim != 1 or mean.shape != std.shape or not bool((std > 0).all()):
             raise ValueError(f"Normalizer needs 1-d mean and std of equal shape with std > 0, got "
                              f"{tuple(mean.shape)} and {tuple(std.shape)}")
         self.mean, self.std = mean, std
+        # normalized range of the data; without it (a hand-made normalizer) the denoiser's default clamp applies
+        self.low = None if low is None else vec(low)
+        self.high = None if high is None else vec(high)
         self._np = (mean.numpy(), std.numpy())
 
     @classmethod
     def fit(cls, x) -> "Normalizer":
         x = np.asarray(x, dtype=np.float64)  # (N, S); float64 so that the sums over N do not lose digits
-        return cls(x.mean(0), np.maximum(x.std(0), cls.STD_FLOOR))
+        mean, std = x.mean(0), np.maximum(x.std(0), cls.STD_FLOOR)
+        return cls(mean, std, (x.min(0) - mean) / std, (x.max(0) - mean) / std)
 
     def _stats(self, x):
         if torch.is_tensor(x):
@@ -360,11 +369,14 @@ class Normalizer:
         return int((self.std <= self.STD_FLOOR).sum())
 
     def state_dict(self) -> dict:
-        return {"mean": self.mean.clone(), "std": self.std.clone()}
+        d = {"mean": self.mean.clone(), "std": self.std.clone()}
+        if self.low is not None:
+            d.update(low=self.low.clone(), high=self.high.clone())
+        return d
 
     @classmethod
     def from_state_dict(cls, d) -> "Normalizer":
-        return cls(d["mean"], d["std"])
+        return cls(d["mean"], d["std"], d.get("low"), d.get("high"))
 
 
 def returns_to_go(rewards, discount: float = 1.0) -> np.ndarray:
@@ -410,6 +422,7 @@ class OfflineData:
     actions: np.ndarray  # (N, A) float32
     rewards: np.ndarray  # (N,) float32, raw
     rtg: np.ndarray  # (N,) float32, returns-to-go divided by rtg_scale
+    cond_rtg: np.ndarray  # (N,) float32, raw returns-to-go discounted by cond_discount (the denoiser's condition)
     episode_starts: np.ndarray  # (E,) int64 index of each episode's first step
     episode_lengths: np.ndarray  # (E,) int64
     episode_terminal: np.ndarray  # (E,) bool: the episode ended on a terminal (not a timeout / data end)
@@ -418,6 +431,7 @@ class OfflineData:
     next_observations: np.ndarray | None = None  # (N, S) float32 raw, when the file has them
     rtg_scale: float = 1000.0
     discount: float = 1.0
+    cond_discount: float = 1.0
     notes: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
@@ -432,7 +446,8 @@ class OfflineData:
             f"return (raw):        mean {R.mean():.1f} std {R.std():.1f} min {R.min():.1f} max {R.max():.1f}",
             f"return (normalized): mean {nR.mean():.1f} std {nR.std():.1f} min {nR.min():.1f} max {nR.max():.1f}",
             f"returns-to-go: discount {self.discount}, divided by {self.rtg_scale}, "
-            f"range [{self.rtg.min():.3f}, {self.rtg.max():.3f}]",
+            f"range [{self.rtg.min():.3f}, {self.rtg.max():.3f}]; denoiser condition: discount "
+            f"{self.cond_discount}, raw range [{self.cond_rtg.min():.1f}, {self.cond_rtg.max():.1f}]",
             f"normalizer: mean in [{self.normalizer.mean.min():.3f}, {self.normalizer.mean.max():.3f}], "
             f"std in [{self.normalizer.std.min():.3f}, {self.normalizer.std.max():.3f}], "
             f"{self.normalizer.n_floored} dims at the std floor {Normalizer.STD_FLOOR}",
@@ -441,11 +456,14 @@ class OfflineData:
         return "\n".join(lines)
 
 
-def load(name: str, path=None, rtg_scale: float = 1000.0, discount: float = 1.0, download: bool = True) -> OfflineData:
-    """Load, validate and split a dataset, and compute its returns-to-go and state normalizer."""
+def load(name: str, path=None, rtg_scale: float = 1000.0, discount: float = 1.0, download: bool = True,
+         cond_discount: float = 1.0) -> OfflineData:
+    """Load, validate and split a dataset, and compute its returns-to-go and state normalizer.
+    `discount` shapes the transformer's return-to-go, `cond_discount` the denoiser's condition."""
     info = get_info(name)
-    if not (0.0 < discount <= 1.0 and rtg_scale > 0):
-        raise ValueError(f"need 0 < discount <= 1 and rtg_scale > 0, got discount {discount}, rtg_scale {rtg_scale}")
+    if not (0.0 < discount <= 1.0 and 0.0 < cond_discount <= 1.0 and rtg_scale > 0):
+        raise ValueError(f"need 0 < discount, cond_discount <= 1 and rtg_scale > 0, got discount {discount}, "
+                         f"cond_discount {cond_discount}, rtg_scale {rtg_scale}")
     if info.source == "minari" and path is None:
         arrays, where = load_minari(info, download=download)
     else:
@@ -463,16 +481,19 @@ def load(name: str, path=None, rtg_scale: float = 1000.0, discount: float = 1.0,
     if not ended:
         notes.append(f"the data end inside an episode: the last {lengths[-1]} steps form a partial episode")
     rtg = np.empty(len(arrays["rewards"]), dtype=np.float64)
+    cond_rtg = np.empty_like(rtg)
     returns = np.empty(len(starts), dtype=np.float64)
     for e, (s, l) in enumerate(zip(starts, lengths)):
         rtg[s:s + l] = returns_to_go(arrays["rewards"][s:s + l], discount)
+        cond_rtg[s:s + l] = returns_to_go(arrays["rewards"][s:s + l], cond_discount)
         returns[e] = arrays["rewards"][s:s + l].sum(dtype=np.float64)
     return OfflineData(
         info=info, path=pathlib.Path(where), observations=arrays["observations"], actions=arrays["actions"],
-        rewards=arrays["rewards"], rtg=(rtg / rtg_scale).astype(np.float32), episode_starts=starts,
+        rewards=arrays["rewards"], rtg=(rtg / rtg_scale).astype(np.float32), cond_rtg=cond_rtg.astype(np.float32),
+        episode_starts=starts,
         episode_lengths=lengths, episode_terminal=terminal, episode_returns=returns,
         normalizer=Normalizer.fit(arrays["observations"]), next_observations=arrays["next_observations"],
-        rtg_scale=rtg_scale, discount=discount, notes=notes)
+        rtg_scale=rtg_scale, discount=discount, cond_discount=cond_discount, notes=notes)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -512,6 +533,7 @@ class WindowSampler:
         self.next_known = to(known)  # (N,) bool
         self.actions = to(data.actions, torch.float32)  # (N, A)
         self.rtg = to(data.rtg, torch.float32)  # (N,)
+        self.cond_rtg = to(data.cond_rtg, torch.float32)  # (N,)
         ep_of = np.repeat(np.arange(len(starts)), lengths)  # (N,) episode id of each step
         self.step_end = to(ends[ep_of], torch.int64)  # (N,) exclusive end of the step's episode
         self.step_terminal = to(term[ep_of])  # (N,) bool: the step's episode ends on a terminal
@@ -537,6 +559,7 @@ class WindowSampler:
             "next_states": self.next_states[idx],  # (B, L, S)
             "actions": self.actions[idx] * realf[..., None],  # (B, L, A), 0 on padding
             "rtg": (self.rtg[idx] * realf)[..., None],  # (B, L, 1), scaled, 0 on padding
+            "cond_rtg": (self.cond_rtg[idx] * realf)[..., None],  # (B, L, 1), raw discounted, 0 on padding
             "mask": realf,  # (B, L) 1 = real step
             "next_mask": (real & self.next_known[idx]).float(),  # (B, L) 1 = next state known
             "terminal": self.step_terminal[start][:, None] & (pos >= end - 1),  # (B, L) terminal step and after

@@ -42,7 +42,8 @@ class Planner:
 
     def __init__(self, cfg: T.Config, models: dict, normalizer, device, dims: dict, planner: str = "td",
                  refine_steps: int | None = None, guidance: float | None = None,
-                 n_candidates: int | None = None, target_return: float | None = None, env_bounds=None):
+                 n_candidates: int | None = None, target_return: float | None = None, env_bounds=None,
+                 cond_target: float | None = None):
         if planner not in ("td", "transformer", "diffusion"):
             raise T.UsageError(f"unknown planner {planner!r}; choose td, transformer or diffusion")
         self.cfg, self.device, self.planner = cfg, torch.device(device), planner
@@ -63,6 +64,8 @@ class Planner:
             raise T.UsageError(f"{self.N} candidates need the critic, but this checkpoint has none "
                                f"(trained with --no-use-critic); use --candidates 1")
         self.target = cfg.target_return if target_return is None else target_return
+        # the denoiser's condition: a fixed discounted return, as Decision Diffuser conditions (cfg.cond_target)
+        self.cond_target = cfg.cond_target if cond_target is None else cond_target
         self.set_bounds(*(env_bounds if env_bounds is not None else (-1.0, 1.0)))
         self.reset(1)
 
@@ -166,14 +169,15 @@ class Planner:
         B, N, H = hist_s.shape[0], self.N, self.cfg.horizon
         hs = hist_s.repeat_interleave(N, 0)               # (B, c, S) -> (B*N, c, S)
         hr = hist_r.repeat_interleave(N, 0)               # (B, c, 1) -> (B*N, c, 1)
-        s0, R = hs[:, -1], hr[:, -1]                      # (B*N, S), (B*N, 1)
+        s0 = hs[:, -1]                                    # (B*N, S)
+        cond = torch.full((B * N, 1), float(self.cond_target), device=hs.device)  # (B*N, 1) denoiser condition
         if self.planner == "diffusion":
-            x = self.denoiser.sample(s0, R, self.w)       # (B*N, H, S), all T steps from noise
+            x = self.denoiser.sample(s0, cond, self.w)    # (B*N, H, S), all T steps from noise
         else:
             future, _ = self.transformer.rollout(hs, hr, H - 1)          # (B*N, H-1, S)
             x = torch.cat([s0[:, None], future], dim=1)                  # (B*N, H, S)
             if self.k > 0:
-                x = self.denoiser.refine(x, self.k, R, self.w, add_noise=self.cfg.refine_noise)
+                x = self.denoiser.refine(x, self.k, cond, self.w, add_noise=self.cfg.refine_noise)
         a = clamp_action(self.invdyn(x[:, 0], x[:, 1]), self.low, self.high)  # (B*N, A)
         if N > 1:
             q = self.critic(x[:, 0], a).view(B, N)                       # (B*N,) -> (B, N)
@@ -385,17 +389,21 @@ def benchmark(ckpt_path, device: str, decisions: int, ref_decisions: int, ks=(1,
 
 
 def sweep_k(ckpt_path, device: str, episodes: int, seed: int, batch_envs: int, ks, plot: str | None,
-            cuda_graph: bool = False) -> list:
-    """Score and time per k: the paper's trade-off curve, with the transformer (k=0) and diffusion endpoints."""
+            cuda_graph: bool = False, guidances=None, endpoints: bool = True) -> list:
+    """Score and time per (w, k): the paper's trade-off curve, one curve per guidance weight w, with the
+    transformer (k = 0) and, if endpoints, diffusion from noise (k = T, at the checkpoint's w) beside them."""
     base = Planner.from_checkpoint(ckpt_path, device=device)
+    runs = [("transformer", 0, None)] + [("td", k, w) for w in (guidances or [None]) for k in ks]
+    if endpoints:
+        runs.append(("diffusion", None, None))
     results = []
-    for planner, k in [("transformer", 0)] + [("td", k) for k in ks] + [("diffusion", None)]:
-        p = Planner.from_checkpoint(ckpt_path, device=device, planner=planner, refine_steps=k)
+    for planner, k, w in runs:
+        p = Planner.from_checkpoint(ckpt_path, device=device, planner=planner, refine_steps=k, guidance=w)
         if cuda_graph:
             p.enable_cuda_graphs()
-        r = evaluate(p, base.cfg.env, episodes, seed, batch_envs)
+        r = evaluate(p, base.cfg.env, episodes, seed, batch_envs, progress=False)
         r["ms_benchmark"] = time_decisions(p, 1, 10)
-        print(format_result(r), f"| {r['ms_benchmark']:.2f} ms per decision at batch 1")
+        print(format_result(r), f"| w={p.w} | {r['ms_benchmark']:.2f} ms per decision at batch 1", flush=True)
         results.append(r)
     if plot:
         plot_sweep(results, plot)
@@ -403,29 +411,148 @@ def sweep_k(ckpt_path, device: str, episodes: int, seed: int, batch_envs: int, k
 
 
 def plot_sweep(results: list, png: str) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot written (pip install matplotlib)")
-        return
-    fig, ax = plt.subplots(figsize=(6, 4))
-    td = [r for r in results if r["planner"] == "td"]
-    ax.errorbar([r["ms_benchmark"] for r in td], [r["normalized_score_mean"] for r in td],
-                yerr=[r["normalized_score_std"] for r in td], marker="o", capsize=3, label="td (k refine steps)")
-    for r in td:
-        ax.annotate(f"k={r['k']}", (r["ms_benchmark"], r["normalized_score_mean"]), textcoords="offset points",
-                    xytext=(4, 4))
-    for r, mk in ((results[0], "s"), (results[-1], "^")):
-        ax.errorbar([r["ms_benchmark"]], [r["normalized_score_mean"]], yerr=[r["normalized_score_std"]],
-                    marker=mk, capsize=3, linestyle="none", label=f"{r['planner']} (k={r['k']})")
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for w in sorted({r["guidance"] for r in results if r["planner"] == "td"}):
+        td = [r for r in results if r["planner"] == "td" and r["guidance"] == w]
+        ax.errorbar([r["ms_benchmark"] for r in td], [r["normalized_score_mean"] for r in td],
+                    yerr=[r["normalized_score_std"] / max(1, len(r["returns"])) ** 0.5 for r in td],
+                    marker="o", capsize=3, label=f"td, w={w:g}")
+        for r in td:
+            ax.annotate(f"{r['k']}", (r["ms_benchmark"], r["normalized_score_mean"]), textcoords="offset points",
+                        xytext=(3, 3), fontsize=7)
+    for r in results:
+        if r["planner"] != "td":
+            ax.errorbar([r["ms_benchmark"]], [r["normalized_score_mean"]],
+                        yerr=[r["normalized_score_std"] / max(1, len(r["returns"])) ** 0.5],
+                        marker="s" if r["planner"] == "transformer" else "^", capsize=3, linestyle="none",
+                        label=f"{r['planner']} (k={r['k']})")
     ax.set_xscale("log"), ax.set_xlabel("ms per decision (batch 1)"), ax.set_ylabel("D4RL normalized score")
-    ax.set_title(f"{results[0]['env']}: score vs latency"), ax.legend()
+    ax.set_title(f"{results[0]['env']}: score vs latency (labels: k; bars: standard error)", fontsize=10)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(png, dpi=100)
     plt.close(fig)
     print(f"wrote {png}")
+
+
+@torch.no_grad()
+def diagnose(ckpt_path, png: str, device: str = "cpu", n_windows: int = 512, seed: int = 0,
+             ks=(1, 2, 5, 10, 20, 40), targets=(0.5, 1.0)) -> dict:
+    """What the denoiser has learned, measured on real windows of the checkpoint's own dataset.
+
+    - eps-MSE per timestep t, of the model (conditioned on the window's own return) and of the trivial
+      predictor eps_hat = sqrt(1 - ab_t) x_t, which is nearly exact at high noise: a net that cannot beat it
+      there cannot start a chain from pure noise;
+    - the guidance signal per t: rms(eps_c - eps_u) / rms(eps_c). Near 0, guidance has nothing to amplify;
+    - the plan error against the data's own future states versus k: the transformer's rollout (k = 0), refined
+      k steps, and sampled from pure noise (k = T), for the first planned step s_1 (what inverse dynamics reads)
+      and all H - 1 future states, plus the plans' rms and how often the from-noise x_0 clamp binds;
+    - the target effect: rms change of the plan when the condition moves between `targets`, same noise.
+    Writes png and the same numbers as JSON beside it (png with .json)."""
+    import data as D
+    planner = Planner.from_checkpoint(ckpt_path, device=device)
+    cfg, den, dev = planner.cfg, planner.denoiser, planner.device
+    data = D.load(cfg.env, cfg.dataset or None, rtg_scale=cfg.rtg_scale, discount=cfg.discount,
+                  cond_discount=cfg.cond_discount, download=False)
+    data.normalizer = planner.normalizer  # the checkpoint's statistics, not a refit
+    C, H, T = cfg.context, cfg.horizon, cfg.n_timesteps
+    g = torch.Generator().manual_seed(seed)
+    batch = D.WindowSampler(data, C + H - 1, device=dev).sample(4 * n_windows, g)
+    full = batch["mask"].bool().all(1).nonzero().flatten()[:n_windows]  # windows with no padding
+    hist_s, hist_r = batch["states"][full, :C], batch["rtg"][full, :C]  # (B, C, S), (B, C, 1)
+    x0 = batch["states"][full, C - 1:]                                   # (B, H, S): now and H - 1 future states
+    cond = batch["cond_rtg"][full, C - 1] / cfg.cond_scale               # (B, 1) the window's own condition
+    B = x0.shape[0]
+    ones, zeros = torch.ones(B, device=dev), torch.zeros(B, device=dev)
+    torch.manual_seed(seed)
+    per_t = {"t": [], "eps_mse_model": [], "eps_mse_uncond": [], "eps_mse_trivial": [], "cond_gap_ratio": []}
+    for t in range(T):
+        tt = torch.full((B,), t, device=dev, dtype=torch.long)
+        noise = torch.randn_like(x0)
+        x_t = den.q_sample(x0, tt, noise)
+        x_t[:, 0] = x0[:, 0]  # inpainted, as in training
+        eps_c, eps_u = den.model(x_t, tt, cond, ones), den.model(x_t, tt, cond, zeros)
+        trivial = den.sqrt_one_minus_alphas_cumprod[t].float() * x_t
+
+        def mse(e):
+            return float(((e - noise)[:, 1:] ** 2).mean())
+        per_t["t"].append(t)
+        per_t["eps_mse_model"].append(mse(eps_c))
+        per_t["eps_mse_uncond"].append(mse(eps_u))
+        per_t["eps_mse_trivial"].append(mse(trivial))
+        per_t["cond_gap_ratio"].append(float((eps_c - eps_u)[:, 1:].pow(2).mean().sqrt()
+                                             / eps_c[:, 1:].pow(2).mean().sqrt()))
+    future, _ = planner.transformer.rollout(hist_s, hist_r, H - 1)       # (B, H-1, S)
+    tf_plan = torch.cat([x0[:, :1], future], dim=1)                      # (B, H, S)
+
+    def plan_error(x, k):
+        return {"k": k, "s1_mse": float(((x[:, 1] - x0[:, 1]) ** 2).mean()),
+                "plan_mse": float(((x[:, 1:] - x0[:, 1:]) ** 2).mean()), "plan_rms": float(x[:, 1:].pow(2).mean().sqrt())}
+    plans = [plan_error(tf_plan, 0)]
+    for k in ks:
+        if k < T:
+            torch.manual_seed(seed)
+            plans.append(plan_error(den.refine(tf_plan, k, cond, planner.w, add_noise=cfg.refine_noise), k))
+    torch.manual_seed(seed)
+    plans.append(plan_error(den.sample(x0[:, 0], cond, planner.w), T))
+    # how often the x_0 clamp binds at the first from-noise step (t = T - 1)
+    x_T = torch.randn_like(x0)
+    x_T[:, 0] = x0[:, 0]
+    tT = torch.full((B,), T - 1, device=dev, dtype=torch.long)
+    den.clip_denoised = False
+    raw = den.predict_x0(x_T, tT, den.guided_eps(x_T, tT, cond, planner.w))
+    den.clip_denoised = True
+    clamp_frac = float(((raw < den.x_low) | (raw > den.x_high))[:, 1:].float().mean())
+    effect = {}
+    for name, k in (("refine", planner.k or 5), ("sample", T)):
+        outs = []
+        for c in targets:
+            torch.manual_seed(seed)
+            cc = torch.full((B, 1), float(c), device=dev)
+            outs.append(den.sample(x0[:, 0], cc, planner.w) if k >= T else den.refine(tf_plan, k, cc, planner.w))
+        effect[f"{name}_k{k}"] = float((outs[-1] - outs[0])[:, 1:].pow(2).mean().sqrt())
+    hi = [i for i in per_t["t"] if i >= int(0.9 * T)]
+    summary = {
+        "checkpoint": str(ckpt_path), "env": cfg.env, "windows": B, "guidance": planner.w, "T": T,
+        "data_rms": float(x0[:, 1:].pow(2).mean().sqrt()),
+        "eps_mse_model_t_ge_90pct": float(np.mean([per_t["eps_mse_model"][i] for i in hi])),
+        "eps_mse_trivial_t_ge_90pct": float(np.mean([per_t["eps_mse_trivial"][i] for i in hi])),
+        "cond_gap_ratio_mean": float(np.mean(per_t["cond_gap_ratio"])),
+        "x0_clamp_binds_at_T": clamp_frac, "target_effect_rms": effect, "targets": list(targets),
+    }
+    print(json.dumps(summary, indent=1))
+    for r in plans:
+        print(f"  k={r['k']:4d}  s1 MSE {r['s1_mse']:.4f}  plan MSE {r['plan_mse']:.4f}  plan rms {r['plan_rms']:.3f}")
+    result = {"summary": summary, "per_t": per_t, "plan_error_vs_k": plans}
+    Path(png).with_suffix(".json").write_text(json.dumps(result, indent=1))
+    plt = _pyplot()
+    fig, ax = plt.subplots(1, 3, figsize=(15, 4))
+    ax[0].plot(per_t["t"], per_t["eps_mse_model"], label="model (conditional)")
+    ax[0].plot(per_t["t"], per_t["eps_mse_uncond"], label="model (unconditional)", alpha=0.6)
+    ax[0].plot(per_t["t"], per_t["eps_mse_trivial"], "--", label="trivial: sqrt(1-ab_t) x_t")
+    ax[0].set_yscale("log"), ax[0].set_xlabel("timestep t"), ax[0].set_title("eps-MSE on real windows")
+    ax[1].plot(per_t["t"], per_t["cond_gap_ratio"])
+    ax[1].set_xlabel("timestep t"), ax[1].set_title("guidance signal rms(eps_c - eps_u) / rms(eps_c)")
+    ks_ = [max(r["k"], 0.5) for r in plans]
+    ax[2].plot(ks_, [r["s1_mse"] for r in plans], "o-", label="s1 (inverse dynamics input)")
+    ax[2].plot(ks_, [r["plan_mse"] for r in plans], "s-", label="all H-1 future states")
+    ax[2].set_xscale("log"), ax[2].set_yscale("log"), ax[2].set_xlabel("k (0.5 = transformer alone; T = from noise)")
+    ax[2].set_title("plan error vs the data's future"), ax[2].legend()
+    ax[0].legend()
+    fig.suptitle(f"{cfg.env}: {Path(ckpt_path)}")
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    print(f"wrote {png} and {Path(png).with_suffix('.json')}")
+    return result
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
 
 
 def render_video(planner: Planner, env_name: str, path: str, seed: int, max_steps: int) -> None:
@@ -480,6 +607,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=None, help="w; default: the checkpoint's")
     p.add_argument("--candidates", type=int, default=None, help="plans per decision; default: the checkpoint's")
     p.add_argument("--target-return", type=float, default=None, help="default: the checkpoint's")
+    p.add_argument("--cond-target", type=float, default=None,
+                   help="the denoiser's return condition, in units of the data's best; default: the checkpoint's")
     p.add_argument("--refine-noise", default=None, action=argparse.BooleanOptionalAction,
                    help="--no-refine-noise: the official variant, the plan taken as x_k with no noise added")
     p.add_argument("--json", default=None, help="write the result (or benchmark rows) as JSON here")
@@ -495,7 +624,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.compile the rollout and the U-Net (fused kernels); pair with --cuda-graph on CUDA")
     p.add_argument("--batches", default="1,10", help="benchmark: environments planned together, per row")
     p.add_argument("--sweep-k", action="store_true", help="score and time at each k (and the endpoints)")
-    p.add_argument("--ks", default="1,2,5,10,20", help="k values for --benchmark and --sweep-k")
+    p.add_argument("--ks", default="1,2,5,10,20", help="k values for --benchmark, --sweep-k and --diagnose")
+    p.add_argument("--guidances", default="", help="--sweep-k: guidance weights w, one curve each; default: the checkpoint's")
+    p.add_argument("--no-endpoints", action="store_true", help="--sweep-k: skip the diffusion-from-noise row")
+    p.add_argument("--diagnose", default=None, metavar="PNG",
+                   help="measure the denoiser on real windows (eps-MSE and guidance signal per t, plan error per k); "
+                        "writes PNG and a .json beside it")
     p.add_argument("--plot", default=None, help="--sweep-k: write the score-vs-latency PNG here")
     p.add_argument("--video", default=None, help="render one episode to this .gif/.mp4 (or a .png strip of 6 frames)")
     p.add_argument("--video-steps", type=int, default=300, help="steps rendered by --video")
@@ -525,11 +659,15 @@ def run(args) -> None:
                         cuda_graph=args.cuda_graph, compile=args.compile)
     elif args.sweep_k:
         res = sweep_k(args.checkpoint, args.device, args.episodes, args.seed, args.batch_envs, ks, args.plot,
-                      cuda_graph=args.cuda_graph)
+                      cuda_graph=args.cuda_graph, endpoints=not args.no_endpoints,
+                      guidances=[float(w) for w in args.guidances.split(",") if w] or None)
+    elif args.diagnose:
+        res = diagnose(args.checkpoint, args.diagnose, device=args.device, ks=ks)
     else:
         planner = Planner.from_checkpoint(args.checkpoint, device=args.device, planner=args.planner,
                                           refine_steps=args.refine_steps, guidance=args.guidance,
-                                          n_candidates=args.candidates, target_return=args.target_return)
+                                          n_candidates=args.candidates, target_return=args.target_return,
+                                          cond_target=args.cond_target)
         if args.refine_noise is not None:
             planner.cfg.refine_noise = args.refine_noise
         if args.compile:

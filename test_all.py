@@ -384,9 +384,9 @@ def test_diffusion_guidance():
     with torch.no_grad():
         eps_c = d.model(x, t, r, torch.ones(4))
         eps_u = d.model(x, t, r, torch.zeros(4))
-        diffs = [(d.guided_eps(x, t, r, 1.0) - eps_c).abs().max().item(),
-                 (d.guided_eps(x, t, r, 0.0) - eps_u).abs().max().item(),
-                 (d.guided_eps(x, t, r, 1.7) - (eps_u + 1.7 * (eps_c - eps_u))).abs().max().item()]
+        diffs = [(d.guided_output(x, t, r, 1.0) - eps_c).abs().max().item(),
+                 (d.guided_output(x, t, r, 0.0) - eps_u).abs().max().item(),
+                 (d.guided_output(x, t, r, 1.7) - (eps_u + 1.7 * (eps_c - eps_u))).abs().max().item()]
         print("guidance w=1 vs cond, w=0 vs uncond, batched vs two passes (w=1.7) max |diff|:", diffs)
         assert max(diffs) < 1e-5
         assert (eps_c - eps_u).abs().max() > 1e-3  # the condition actually reaches the output
