@@ -466,13 +466,16 @@ def diagnose(ckpt_path, png: str, device: str = "cpu", n_windows: int = 512, see
     B = x0.shape[0]
     ones, zeros = torch.ones(B, device=dev), torch.zeros(B, device=dev)
     torch.manual_seed(seed)
-    per_t = {"t": [], "eps_mse_model": [], "eps_mse_uncond": [], "eps_mse_trivial": [], "cond_gap_ratio": []}
+    per_t = {"t": [], "eps_mse_model": [], "eps_mse_uncond": [], "eps_mse_trivial": [], "cond_gap_ratio": [],
+             "cond_gap_ratio_x0": []}
     for t in range(T):
         tt = torch.full((B,), t, device=dev, dtype=torch.long)
         noise = torch.randn_like(x0)
         x_t = den.q_sample(x0, tt, noise)
         x_t[:, 0] = x0[:, 0]  # inpainted, as in training
-        eps_c, eps_u = den.model(x_t, tt, cond, ones), den.model(x_t, tt, cond, zeros)
+        out_c, out_u = den.model(x_t, tt, cond, ones), den.model(x_t, tt, cond, zeros)
+        eps_c, eps_u = den.eps_from_output(x_t, tt, out_c), den.eps_from_output(x_t, tt, out_u)
+        x0_c, x0_u = den.predict_x0(x_t, tt, out_c), den.predict_x0(x_t, tt, out_u)
         trivial = den.sqrt_one_minus_alphas_cumprod[t].float() * x_t
 
         def mse(e):
@@ -483,6 +486,8 @@ def diagnose(ckpt_path, png: str, device: str = "cpu", n_windows: int = 512, see
         per_t["eps_mse_trivial"].append(mse(trivial))
         per_t["cond_gap_ratio"].append(float((eps_c - eps_u)[:, 1:].pow(2).mean().sqrt()
                                              / eps_c[:, 1:].pow(2).mean().sqrt()))
+        per_t["cond_gap_ratio_x0"].append(float((x0_c - x0_u)[:, 1:].pow(2).mean().sqrt()
+                                                / x0_c[:, 1:].pow(2).mean().sqrt()))
     future, _ = planner.transformer.rollout(hist_s, hist_r, H - 1)       # (B, H-1, S)
     tf_plan = torch.cat([x0[:, :1], future], dim=1)                      # (B, H, S)
 
@@ -501,7 +506,7 @@ def diagnose(ckpt_path, png: str, device: str = "cpu", n_windows: int = 512, see
     x_T[:, 0] = x0[:, 0]
     tT = torch.full((B,), T - 1, device=dev, dtype=torch.long)
     den.clip_denoised = False
-    raw = den.predict_x0(x_T, tT, den.guided_eps(x_T, tT, cond, planner.w))
+    raw = den.predict_x0(x_T, tT, den.guided_output(x_T, tT, cond, planner.w))
     den.clip_denoised = True
     clamp_frac = float(((raw < den.x_low) | (raw > den.x_high))[:, 1:].float().mean())
     effect = {}
@@ -519,6 +524,7 @@ def diagnose(ckpt_path, png: str, device: str = "cpu", n_windows: int = 512, see
         "eps_mse_model_t_ge_90pct": float(np.mean([per_t["eps_mse_model"][i] for i in hi])),
         "eps_mse_trivial_t_ge_90pct": float(np.mean([per_t["eps_mse_trivial"][i] for i in hi])),
         "cond_gap_ratio_mean": float(np.mean(per_t["cond_gap_ratio"])),
+        "cond_gap_ratio_x0_mean": float(np.mean(per_t["cond_gap_ratio_x0"])),
         "x0_clamp_binds_at_T": clamp_frac, "target_effect_rms": effect, "targets": list(targets),
     }
     print(json.dumps(summary, indent=1))
@@ -532,8 +538,9 @@ def diagnose(ckpt_path, png: str, device: str = "cpu", n_windows: int = 512, see
     ax[0].plot(per_t["t"], per_t["eps_mse_uncond"], label="model (unconditional)", alpha=0.6)
     ax[0].plot(per_t["t"], per_t["eps_mse_trivial"], "--", label="trivial: sqrt(1-ab_t) x_t")
     ax[0].set_yscale("log"), ax[0].set_xlabel("timestep t"), ax[0].set_title("eps-MSE on real windows")
-    ax[1].plot(per_t["t"], per_t["cond_gap_ratio"])
-    ax[1].set_xlabel("timestep t"), ax[1].set_title("guidance signal rms(eps_c - eps_u) / rms(eps_c)")
+    ax[1].plot(per_t["t"], per_t["cond_gap_ratio"], label="rms(eps_c - eps_u) / rms(eps_c)")
+    ax[1].plot(per_t["t"], per_t["cond_gap_ratio_x0"], label="rms(x0_c - x0_u) / rms(x0_c)")
+    ax[1].set_xlabel("timestep t"), ax[1].set_title("guidance signal: conditional vs unconditional"), ax[1].legend()
     ks_ = [max(r["k"], 0.5) for r in plans]
     ax[2].plot(ks_, [r["s1_mse"] for r in plans], "o-", label="s1 (inverse dynamics input)")
     ax[2].plot(ks_, [r["plan_mse"] for r in plans], "s-", label="all H-1 future states")

@@ -477,11 +477,78 @@ def test_diffusion_learns_toy_curves():
         radius = plan.norm(dim=-1).mean().item()
         print(f"return {sign:+.0f}: fraction of steps turning that way {frac:.2f}, mean radius {radius:.3f}")
         assert frac > 0.85 and abs(radius - 1) < 0.1
-    # without the x_0 clamp, sampling from pure noise diverges (the last beta is 0.999)
-    d.clip_denoised = None
+    # v-prediction needs no clamp to stay on the data from pure noise (the last beta is 0.999): x_0 is
+    # sqrt(ab) x_t - sqrt(1 - ab) v, with no division by sqrt(ab_t) ~ 5e-4
+    d.clip_denoised = False
     radius = d.sample(start, torch.ones(128, 1), w=1.2).norm(dim=-1).mean().item()
-    print(f"clip_denoised=None: mean radius {radius:.1f}")
-    assert radius > 3
+    print(f"no clamp: mean radius {radius:.3f}")
+    assert abs(radius - 1) < 0.1
+    d.clip_denoised = True
+    # the condition determines the data here, so the conditional and unconditional outputs must differ
+    with torch.no_grad():
+        torch.manual_seed(7)
+        x0, r = circle_batch(512)
+        for t in (10, 50, 90):
+            tt = torch.full((512,), t)
+            x_t = d.q_sample(x0, tt)
+            x_t[:, 0] = x0[:, 0]
+            out_c, out_u = d.model(x_t, tt, r, torch.ones(512)), d.model(x_t, tt, r, torch.zeros(512))
+            eps_c, eps_u = d.eps_from_output(x_t, tt, out_c), d.eps_from_output(x_t, tt, out_u)
+            x0_c, x0_u = d.predict_x0(x_t, tt, out_c), d.predict_x0(x_t, tt, out_u)
+            gap_eps = ((eps_c - eps_u)[:, 1:].pow(2).mean() / eps_c[:, 1:].pow(2).mean()).sqrt().item()
+            gap_x0 = ((x0_c - x0_u)[:, 1:].pow(2).mean() / x0_c[:, 1:].pow(2).mean()).sqrt().item()
+            print(f"t={t}: rms(eps_c - eps_u) / rms(eps_c) = {gap_eps:.3f}, same for x0: {gap_x0:.3f}")
+            # low noise: x_t pins x_0 and the gap shows in eps; high noise: eps ~ x_t and the gap shows in x_0
+            assert (gap_eps if t <= 50 else gap_x0) > 0.05
+
+
+def test_diffusion_high_noise_matches_trivial_predictor():
+    """At the highest t, eps ~ sqrt(1 - ab_t) x_t almost exactly; after a short fit on toy data the model's
+    eps-MSE must come within 2x of that trivial predictor (the t = T - 1 step starts every chain from noise)."""
+    torch.manual_seed(0)
+    d = GaussianDiffusion(TemporalUnet(2, dim=16, dim_mults=(1, 2), horizon=8), 8, 2)
+    opt = torch.optim.Adam(d.parameters(), lr=4e-3)
+    for _ in range(150):
+        loss = d.loss(*circle_batch(64))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    torch.manual_seed(1)
+    x0, r = circle_batch(1024)
+    with torch.no_grad():
+        for t in (d.n_timesteps - 1, int(0.9 * d.n_timesteps)):
+            tt = torch.full((1024,), t)
+            noise = torch.randn_like(x0)
+            x_t = d.q_sample(x0, tt, noise)
+            x_t[:, 0] = x0[:, 0]
+            eps = d.eps_from_output(x_t, tt, d.model(x_t, tt, r, torch.ones(1024)))
+            model = (eps - noise)[:, 1:].pow(2).mean().item()
+            trivial = (d.sqrt_one_minus_alphas_cumprod[t].float() * x_t - noise)[:, 1:].pow(2).mean().item()
+            print(f"t={t}: eps-MSE model {model:.3e}, trivial predictor {trivial:.3e}")
+            assert model <= 2 * trivial
+
+
+def test_diffusion_unet_reads_full_resolution_skip():
+    """The output must depend on the full-resolution features through their skip, not only through the
+    stride-2 bottleneck: with the first downsampling fed zeros, two inputs must still give different outputs.
+    (Diffuser's and DD's U-Nets drop that skip; then both outputs would be equal.)"""
+    torch.manual_seed(0)
+    net = TemporalUnet(3, dim=8, dim_mults=(1, 2, 4), horizon=8)
+    net.downs[0][2].register_forward_pre_hook(lambda mod, args: (torch.zeros_like(args[0]),))
+    t, r, c = torch.tensor([5, 50]), torch.randn(2, 1), torch.ones(2)
+    with torch.no_grad():
+        diff = (net(torch.randn(2, 8, 3), t, r, c) - net(torch.randn(2, 8, 3), t, r, c)).abs().max().item()
+    print(f"output change through the full-resolution skip alone: {diff:.3e}")
+    assert diff > 1e-3
+
+
+def test_diffusion_x0_clamp_per_dimension():
+    low, high = torch.tensor([-1.0, -2.0, 0.0]), torch.tensor([1.0, 0.5, 3.0])
+    d = GaussianDiffusion(TemporalUnet(3, dim=8, dim_mults=(1, 2), horizon=8), 8, 3, x_low=low, x_high=high)
+    t = torch.full((4,), 99)
+    x0 = d.predict_x0(torch.zeros(4, 8, 3), t, 100 * torch.randn(4, 8, 3))  # v far off: x_0 = -sqrt(1-ab) v
+    assert torch.equal(x0.amin((0, 1)), low) and torch.equal(x0.amax((0, 1)), high)
+    assert set(dict(d.named_buffers())) >= {"x_low", "x_high"}  # so they are saved in the state_dict
 
 
 # ====================================================================================================
@@ -678,6 +745,13 @@ def test_data_returns_to_go_hand_computed(tmp_path):
     print("max rtg diff", np.abs(d.rtg - [0.325, 0.45, 0.5, 0.4, 2.0, 2.0]).max())
     np.testing.assert_allclose(d.rtg, [0.325, 0.45, 0.5, 0.4, 2.0, 2.0], rtol=1e-6)
     np.testing.assert_allclose(d.episode_returns, [10.0, 30.0])  # returns stay raw and undiscounted
+    # the denoiser's condition: its own discount, raw, independent of the transformer's
+    d = data.load("hopper-medium-v2", path=p, rtg_scale=10.0, cond_discount=0.5)
+    np.testing.assert_allclose(d.rtg, [1.0, 0.9, 0.7, 0.4, 3.0, 2.0], rtol=1e-6)
+    np.testing.assert_allclose(d.cond_rtg, [3.25, 4.5, 5.0, 4.0, 20.0, 20.0], rtol=1e-6)
+    w = data.WindowSampler(d, 3).sample(64, torch.Generator().manual_seed(0))
+    expect = torch.as_tensor(d.cond_rtg)[w["start"]]
+    assert torch.allclose(w["cond_rtg"][:, 0, 0], expect)
 
 
 # ------------------------------------------------------------------------------------------ windows
@@ -1241,6 +1315,38 @@ def test_plan_planner_api_acts_within_bounds(tiny_run):
     assert planner.R.item() >= planner.R0 * planner.cfg.rtg_floor - 1e-6
     batch = planner.act(np.stack([obs, obs]), None)  # a new batch size restarts the episodes
     assert batch.shape == (2, 6) and planner.t == 1
+
+
+def test_plan_x0_clamp_travels_with_checkpoint(tiny_run):
+    """The denoiser clamps x_0 to each dimension's normalized data range, read from the checkpoint."""
+    ckpt = train.load_checkpoint(tiny_run["out"] / "checkpoint.pt")
+    obs = data.load("halfcheetah-medium-sb3", path=tiny_run["file"]).observations.astype(np.float64)
+    mean, std = obs.mean(0), np.maximum(obs.std(0), data.Normalizer.STD_FLOOR)
+    low = torch.as_tensor((obs.min(0) - mean) / std, dtype=torch.float32)
+    assert torch.allclose(ckpt["normalizer"]["low"], low, atol=1e-5)
+    for name in ("ema", "diffusion"):
+        assert torch.allclose(ckpt["models"][name]["x_low"], low, atol=1e-5)
+    planner = plan.Planner.from_checkpoint(tiny_run["out"] / "checkpoint.pt", device="cpu")
+    den = planner.denoiser
+    assert torch.equal(den.x_low, ckpt["models"]["ema"]["x_low"]) and torch.equal(den.x_high, ckpt["models"]["ema"]["x_high"])
+    x0 = den.predict_x0(torch.zeros(2, den.horizon, den.state_dim), torch.full((2,), 5), 1e3 * torch.ones(2, den.horizon, den.state_dim))
+    assert torch.equal(x0[0, 0], den.x_low)
+
+
+def test_cli_plan_diagnose_writes_png_and_json(tiny_run, tmp_path):
+    png = tmp_path / "diag.png"
+    run_script("plan.py", "--checkpoint", tiny_run["out"] / "checkpoint.pt", "--diagnose", png, "--ks", "1,2",
+               "--threads", "1")
+    assert png.is_file() and png.stat().st_size > 10_000
+    r = json.loads(png.with_suffix(".json").read_text())
+    T = r["summary"]["T"]
+    assert r["per_t"]["t"] == list(range(T)) and len(r["per_t"]["eps_mse_model"]) == T
+    assert [p["k"] for p in r["plan_error_vs_k"]] == [0, 1, 2, T]
+    vals = [*r["per_t"]["eps_mse_model"], *r["per_t"]["eps_mse_trivial"], *r["per_t"]["cond_gap_ratio"],
+            *(p["s1_mse"] for p in r["plan_error_vs_k"]), *r["summary"]["target_effect_rms"].values()]
+    assert all(math.isfinite(v) and v >= 0 for v in vals)
+    # the trivial predictor is nearly exact at the last step and poor at the first
+    assert r["per_t"]["eps_mse_trivial"][-1] < 1e-2 < r["per_t"]["eps_mse_trivial"][0]
 
 
 def test_plan_planner_variants_calls(tiny_run):
