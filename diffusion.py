@@ -285,6 +285,8 @@ class GaussianDiffusion(nn.Module):
         DEVIATION: one forward pass over 2B rows (official: two passes; equal, since every layer acts per row).
         """
         B = x.shape[0]
+        if w == 1.0:  # out_u + 1 * (out_c - out_u) = out_c: the conditional pass alone, at half the cost
+            return self.model(x, t, returns, torch.ones(B, device=x.device))
         use_cond = torch.cat([torch.ones(B, device=x.device), torch.zeros(B, device=x.device)])  # (2B,)
         out = self.model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([returns, returns]), use_cond)
         out_c, out_u = out.chunk(2)  # (2B, H, S) -> 2 x (B, H, S)
