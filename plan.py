@@ -501,6 +501,10 @@ def diagnose(ckpt_path, png: str, device: str = "cpu", n_windows: int = 512, see
             plans.append(plan_error(den.refine(tf_plan, k, cond, planner.w, add_noise=cfg.refine_noise), k))
     torch.manual_seed(seed)
     plans.append(plan_error(den.sample(x0[:, 0], cond, planner.w), T))
+    den.clip_denoised = False  # the same chain without the x_0 clamp: does sampling need it?
+    torch.manual_seed(seed)
+    no_clamp = plan_error(den.sample(x0[:, 0], cond, planner.w), T)
+    den.clip_denoised = True
     # how often the x_0 clamp binds at the first from-noise step (t = T - 1)
     x_T = torch.randn_like(x0)
     x_T[:, 0] = x0[:, 0]
@@ -525,7 +529,7 @@ def diagnose(ckpt_path, png: str, device: str = "cpu", n_windows: int = 512, see
         "eps_mse_trivial_t_ge_90pct": float(np.mean([per_t["eps_mse_trivial"][i] for i in hi])),
         "cond_gap_ratio_mean": float(np.mean(per_t["cond_gap_ratio"])),
         "cond_gap_ratio_x0_mean": float(np.mean(per_t["cond_gap_ratio_x0"])),
-        "x0_clamp_binds_at_T": clamp_frac, "target_effect_rms": effect, "targets": list(targets),
+        "x0_clamp_binds_at_T": clamp_frac, "from_noise_without_clamp": no_clamp, "target_effect_rms": effect, "targets": list(targets),
     }
     print(json.dumps(summary, indent=1))
     for r in plans:
