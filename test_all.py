@@ -787,7 +787,7 @@ def test_data_reference_scores_equal_d4rl_infos():
            "pen": (96.262799, 3076.8331017826877), "hammer": (-274.856578, 12794.134825156867),
            "door": (-56.512833, 2880.5693087298737), "relocate": (-6.425911, 4233.877797728884),
            "kitchen": (0.0, 4.0)}
-    assert len(data.DATASETS) == 15 + 12 + 3 + 1
+    assert len(data.DATASETS) == 15 + 12 + 3 + 2  # D4RL locomotion, Adroit, Kitchen, bundled
     for name, info in data.DATASETS.items():
         assert (info.ref_min, info.ref_max) == ref[name.split("-")[0]], name
     assert data.normalized_score("hopper-medium-v2", 3234.3) == pytest.approx(100.0)
