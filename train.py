@@ -145,7 +145,8 @@ def _build_env_table() -> dict[str, dict]:
     # The bundled stand-ins: their family's planning settings (H, k, w) and the CPU preset (models, budget,
     # a target read off the data). The official targets lie above every episode of these files.
     table["halfcheetah-medium-sb3"] = dict(horizon=8, refine_steps=5, guidance=1.1, preset="cpu")
-    table["hopper-medium-sb3"] = dict(table["hopper-medium-v2"], preset="cpu")
+    h, k, w, _ = _LOCO["hopper"]
+    table["hopper-medium-sb3"] = dict(horizon=h, refine_steps=k, guidance=w, preset="cpu")
     return table
 
 
