@@ -1681,6 +1681,28 @@ def test_any_preset_cli_own_file_target_and_resume(tmp_path):
         {k: cfg[k] for k in cfg if k not in ("steps", "resume")}
 
 
+def test_any_bundled_hopper_matches_readme(tmp_path):
+    """datasets/hopper-medium-sb3.hdf5 is the file datasets/README.md describes, and its row trains."""
+    d = data.load("hopper-medium-sb3")
+    assert d.path == ROOT / "datasets" / "hopper-medium-sb3.hdf5" and d.info.env_id == "Hopper-v4"
+    assert len(d.observations) == 100000 and len(d.episode_lengths) == 484
+    assert int(d.episode_terminal.sum()) == 483 and not d.episode_terminal[-1]  # the last one ends with the data
+    assert (d.episode_lengths.min(), d.episode_lengths.max()) == (134, 264)
+    with h5py.File(ROOT / "datasets" / "hopper-medium-sb3.hdf5") as f:
+        np.testing.assert_allclose(d.episode_returns, f["metadata/episode_returns"][()], rtol=1e-4)
+    norm = data.normalized_score("hopper-medium-sb3", d.episode_returns)
+    assert round(float(norm.mean()), 1) == 20.6 and round(float(norm.max()), 1) == 26.8
+    assert round(float(d.episode_returns.mean()), 1) == 650.1
+    r = run_cli("--env", "hopper-medium-sb3")
+    assert r.returncode == 0 and "484 episodes (483 end on a terminal)" in r.stdout and "mean 20.6" in r.stdout
+    p = rel_run(["train.py", "--env", "hopper-medium-sb3", "--steps", 2, "--eval-episodes", 0, "--out",
+                 tmp_path / "run"] + ANY_TINY)
+    assert p.returncode == 0, p.stderr[-3000:]
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (cfg["horizon"], cfg["guidance"], cfg["preset"], cfg["lr"]) == (16, 1.2, "cpu", 5e-4)
+    assert cfg["target_return"] == pytest.approx(d.episode_returns.max())  # 853.1, the best episode
+
+
 # ------------------------------------------------------------------------------------------ termination
 class EndingEnv:
     """A stand-in environment: episode `i` ends on a terminal after `length` steps, earning `rewards[t]` at step t.
