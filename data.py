@@ -28,12 +28,12 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import json
 import os
 import pathlib
 import sys
 import tempfile
 import urllib.request
-import json
 from dataclasses import dataclass, field, fields
 
 import h5py
