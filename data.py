@@ -7,7 +7,9 @@ gathers the fixed-length training windows. Environments live in envs.py; `make_e
 
 Sources, in order (`resolve_path`): `--dataset PATH`; the bundled stand-in dataset; the D4RL cache
 ($D4RL_DATASET_DIR, else ~/.d4rl/datasets) under the URL's file name; a download into that cache.
-Kitchen data come from Minari (optional, imported lazily) unless a D4RL-layout file is passed.
+Kitchen data come from Minari (optional, imported lazily) unless a D4RL-layout file is passed, and so does any
+name `minari:ID` (e.g. minari:mujoco/hopper/medium-v0): its dims, evaluation env and reference returns are read
+off the Minari dataset (`minari_info`).
 
 Window rule (`WindowSampler`), for a window of L steps inside an episode of n steps:
   - an episode that ends on a timeout (or where the data end) gives starts 0 .. max(n - L, 0);
@@ -26,12 +28,13 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import json
 import os
 import pathlib
 import sys
 import tempfile
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import h5py
 import numpy as np
@@ -50,17 +53,18 @@ class DataError(Exception):
 @dataclass(frozen=True)
 class DatasetInfo:
     name: str
-    family: str  # "locomotion" | "adroit" | "kitchen"
+    family: str  # "locomotion" | "adroit" | "kitchen" | "minari" (an env rebuilt from a Minari dataset's spec)
     env_id: str  # gymnasium id of the evaluation environment (built by envs.py)
     obs_dim: int
     act_dim: int
     max_episode_steps: int
-    ref_min: float  # D4RL reference scores (d4rl/infos.py), for the normalized score
+    ref_min: float  # D4RL reference scores (d4rl/infos.py), for the normalized score; nan = none (raw only)
     ref_max: float
     url: str | None  # D4RL download URL (d4rl/infos.py), None if the data do not come from D4RL's server
     source: str  # "d4rl" | "bundled" | "minari"
     filename: str  # D4RL cache file name, or the bundled file's path relative to this file; "" for Minari
     minari_id: str | None = None
+    env_spec: str | None = None  # minari:ID names: the recorded gymnasium EnvSpec as JSON, to rebuild the env
 
 
 D4RL_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl"
@@ -107,6 +111,10 @@ def _build_table() -> dict[str, DatasetInfo]:
     env_id, s, a, T, lo, hi = LOCOMOTION["halfcheetah"]
     for name in ("halfcheetah-medium-sb3", "halfcheetah-medium-replay-sb3"):
         table[name] = DatasetInfo(name, "locomotion", env_id, s, a, T, lo, hi, None, "bundled", f"datasets/{name}.hdf5")
+    # Stand-in for hopper-medium-v2 (datasets/README.md: SAC on Hopper-v4, episodes end when the hopper falls).
+    env_id, s, a, T, lo, hi = LOCOMOTION["hopper"]
+    table["hopper-medium-sb3"] = DatasetInfo(
+        "hopper-medium-sb3", "locomotion", env_id, s, a, T, lo, hi, None, "bundled", "datasets/hopper-medium-sb3.hdf5")
     return table
 
 
@@ -116,15 +124,25 @@ DATASETS: dict[str, DatasetInfo] = _build_table()
 def get_info(name: str) -> DatasetInfo:
     if name in DATASETS:
         return DATASETS[name]
+    if name.startswith(MINARI_PREFIX):
+        if name not in _MINARI_INFOS:
+            _MINARI_INFOS[name] = minari_info(name)
+        return _MINARI_INFOS[name]
     close = difflib.get_close_matches(name, DATASETS.keys(), n=3)  # 3 names at difflib's default similarity
     hint = f"did you mean {', '.join(close)}? " if close else ""
     raise DataError(f"unknown dataset name '{name}'; {hint}python data.py --list shows every name")
 
 
 def normalized_score(name: str, ret):
-    """D4RL normalized score: 100 * (R - min) / (max - min); works on floats and numpy arrays."""
+    """D4RL normalized score: 100 * (R - min) / (max - min); works on floats and numpy arrays.
+    nan for a dataset without reference returns (has_reference_scores is False)."""
     info = get_info(name)
     return 100.0 * (ret - info.ref_min) / (info.ref_max - info.ref_min)
+
+
+def has_reference_scores(name: str) -> bool:
+    info = get_info(name)
+    return bool(np.isfinite(info.ref_min) and np.isfinite(info.ref_max) and info.ref_max > info.ref_min)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -282,20 +300,29 @@ def load_arrays(path, info: DatasetInfo) -> dict:
     return check_arrays(raw, info, where)
 
 
-def load_minari(info: DatasetInfo, download: bool = True) -> tuple[dict, str]:
-    """Convert a Minari dataset (one record per episode) into D4RL-layout arrays."""
+def _open_minari(dataset_id: str, name: str, download: bool = True):
+    """minari.load_dataset, imported lazily (minari is optional), with one-line errors."""
     try:
         import minari
     except ImportError:
-        raise DataError(f"{info.name} needs the optional package minari (pip install minari), "
+        raise DataError(f"{name} needs the optional package minari (pip install minari), "
                         f"or pass --dataset PATH to a D4RL-layout file") from None
     try:
-        ds = minari.load_dataset(info.minari_id, download=download)
+        return minari.load_dataset(dataset_id, download=download)
+    except Exception as e:
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise DataError(f"could not load Minari dataset {dataset_id} ({reason}); run it once with network "
+                        f"access (minari download {dataset_id}) or pass --dataset PATH") from None
+
+
+def load_minari(info: DatasetInfo, download: bool = True) -> tuple[dict, str]:
+    """Convert a Minari dataset (one record per episode) into D4RL-layout arrays."""
+    ds = _open_minari(info.minari_id, info.name, download)
+    try:
         episodes = list(ds.iterate_episodes())
     except Exception as e:
         reason = " ".join(str(e).split()) or type(e).__name__
-        raise DataError(f"could not load Minari dataset {info.minari_id} ({reason}); run it once with network "
-                        f"access (minari download {info.minari_id}) or pass --dataset PATH") from None
+        raise DataError(f"could not read the episodes of Minari dataset {info.minari_id} ({reason})") from None
     cols = {k: [] for k in ("observations", "next_observations", "actions", "rewards", "terminals", "timeouts")}
     for ep in episodes:
         obs = ep.observations["observation"] if isinstance(ep.observations, dict) else ep.observations
@@ -303,18 +330,72 @@ def load_minari(info: DatasetInfo, download: bool = True) -> tuple[dict, str]:
         T = len(ep.rewards)
         if T == 0:
             continue
-        term = np.asarray(ep.terminations, dtype=bool)
-        trunc = np.asarray(ep.truncations, dtype=bool).copy()
+        term = np.asarray(ep.terminations, dtype=bool).reshape(T)
+        trunc = np.asarray(ep.truncations, dtype=bool).reshape(T).copy()
         trunc[-1] |= not term[-1]  # each Minari record is one whole episode: always end it here
         cols["observations"].append(obs[:T])
         cols["next_observations"].append(obs[1:T + 1])
         cols["actions"].append(np.asarray(ep.actions))
-        cols["rewards"].append(np.asarray(ep.rewards))
+        cols["rewards"].append(np.asarray(ep.rewards).reshape(T))  # (T,) or (T, 1) -> (T,)
         cols["terminals"].append(term)
         cols["timeouts"].append(trunc)
     raw = {k: np.concatenate(v) if v else np.zeros(0) for k, v in cols.items()}
     where = f"minari:{info.minari_id}"
     return check_arrays(raw, info, where), getattr(getattr(ds, "spec", None), "data_path", where)
+
+
+# Any Minari dataset by id: --env minari:ID, e.g. minari:mujoco/hopper/medium-v0. Its DatasetInfo is read off the
+# dataset (dims from its spaces, the evaluation env from its recorded EnvSpec, reference returns from its
+# metadata) once per process. Planning a checkpoint of such a run needs minari and the dataset locally too.
+MINARI_PREFIX = "minari:"
+_MINARI_INFOS: dict[str, DatasetInfo] = {}
+MINARI_DEFAULT_EPISODE_STEPS = 1000  # only when the dataset records no env spec; it sizes the progress bar only
+
+
+def _env_spec_json(spec) -> str | None:
+    """An EnvSpec, or its JSON as Minari stores it, as JSON that this gymnasium's EnvSpec.from_json reads: keys
+    that older or newer gymnasium versions wrote (e.g. autoreset, apply_api_compatibility) are dropped."""
+    if spec is None:
+        return None
+    from gymnasium.envs.registration import EnvSpec
+    d = json.loads(spec) if isinstance(spec, str) else json.loads(spec.to_json())
+    known = {f.name for f in fields(EnvSpec) if f.init}
+    return json.dumps({k: v for k, v in d.items() if k in known})
+
+
+def _flat_dim(space, what: str, name: str) -> int:
+    """The length of a flat Box space (a dict observation's 'observation' entry, as FrankaKitchen's)."""
+    spaces = getattr(space, "spaces", None)
+    if isinstance(spaces, dict) and "observation" in spaces:
+        space = spaces["observation"]
+    shape = getattr(space, "shape", None)
+    if shape is None or len(shape) != 1 or type(space).__name__ != "Box":
+        raise DataError(f"{name}: its {what} space is {space}; only flat Box observations and actions are supported")
+    return int(shape[0])
+
+
+def minari_info(name: str) -> DatasetInfo:
+    dataset_id = name[len(MINARI_PREFIX):]
+    if not dataset_id:
+        raise DataError(f"'{name}' names no dataset; write minari:ID, e.g. minari:mujoco/hopper/medium-v0")
+    ds = _open_minari(dataset_id, name)
+    meta = dict(getattr(getattr(ds, "storage", None), "metadata", None) or {})
+    # the evaluation env: the dataset's eval env spec if it has one (minari's recover_environment(eval_env=True)),
+    # else the env it was collected in (recover_environment()); gym.make(spec) in envs.py is what both call
+    spec = _env_spec_json(meta.get("eval_env_spec") or meta.get("env_spec") or getattr(ds, "env_spec", None))
+    env_id, steps = "(no env spec recorded)", MINARI_DEFAULT_EPISODE_STEPS
+    if spec is not None:
+        from gymnasium.envs.registration import EnvSpec
+        parsed = EnvSpec.from_json(spec)
+        env_id, steps = parsed.id, parsed.max_episode_steps or MINARI_DEFAULT_EPISODE_STEPS
+    obs_space, act_space = getattr(ds, "observation_space", None), getattr(ds, "action_space", None)
+    if obs_space is None or act_space is None:
+        obs_space, act_space = ds.spec.observation_space, ds.spec.action_space
+    lo, hi = meta.get("ref_min_score"), meta.get("ref_max_score")  # D4RL-derived sets carry them
+    lo, hi = (float(lo), float(hi)) if lo is not None and hi is not None else (float("nan"), float("nan"))
+    return DatasetInfo(name, "minari", env_id, _flat_dim(obs_space, "observation", name),
+                       _flat_dim(act_space, "action", name), int(steps), lo, hi, None, "minari", "",
+                       minari_id=dataset_id, env_spec=spec)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -437,6 +518,7 @@ class OfflineData:
     def summary(self) -> str:
         info, R = self.info, self.episode_returns
         nR = normalized_score(info.name, R)
+        scored = has_reference_scores(info.name)
         lines = [
             f"{info.name}: {info.env_id} ({info.family}), source {info.source}, from {self.path}",
             f"{len(self.observations)} transitions, {len(R)} episodes "
@@ -444,7 +526,8 @@ class OfflineData:
             f"min {self.episode_lengths.min()} mean {self.episode_lengths.mean():.1f} max {self.episode_lengths.max()}",
             f"obs dim {info.obs_dim}, act dim {info.act_dim}, max episode steps {info.max_episode_steps}",
             f"return (raw):        mean {R.mean():.1f} std {R.std():.1f} min {R.min():.1f} max {R.max():.1f}",
-            f"return (normalized): mean {nR.mean():.1f} std {nR.std():.1f} min {nR.min():.1f} max {nR.max():.1f}",
+            f"return (normalized): mean {nR.mean():.1f} std {nR.std():.1f} min {nR.min():.1f} max {nR.max():.1f}"
+            if scored else "return (normalized): none, the dataset has no reference returns",
             f"returns-to-go: discount {self.discount}, divided by {self.rtg_scale}, "
             f"range [{self.rtg.min():.3f}, {self.rtg.max():.3f}]; denoiser condition: discount "
             f"{self.cond_discount}, raw range [{self.cond_rtg.min():.1f}, {self.cond_rtg.max():.1f}]",
@@ -574,13 +657,16 @@ def make_env(name: str, seed=None, **kwargs):
     """The evaluation environment for a dataset name (built by envs.py, imported only when needed)."""
     import envs
 
-    return envs.make_env(get_info(name), seed=seed, **kwargs)
+    info = get_info(name)
+    if info.family == "minari" and info.env_spec is None:
+        raise DataError(f"{name} records no environment spec, so it cannot be evaluated; train with --eval-episodes 0")
+    return envs.make_env(info, seed=seed, **kwargs)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="List datasets, or load one and print its summary.")
     p.add_argument("--list", action="store_true", help="print every dataset name with env id, dims, source")
-    p.add_argument("--env", help="dataset name, e.g. halfcheetah-medium-v2 or halfcheetah-medium-sb3")
+    p.add_argument("--env", help="dataset name, e.g. halfcheetah-medium-v2 or halfcheetah-medium-sb3, or minari:ID")
     p.add_argument("--dataset", help="path to a D4RL-layout hdf5 file (skips the cache and the download)")
     p.add_argument("--no-download", action="store_true", help="never download; fail if the file is not cached")
     p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
@@ -592,6 +678,8 @@ def main(argv=None) -> int:
                 src = f"minari {info.minari_id}" if info.minari_id else info.source
                 print(f"{info.name:28s} {info.env_id:22s} {info.obs_dim:4d} {info.act_dim:4d} "
                       f"{info.max_episode_steps:6d}  {src}")
+            print(f"{MINARI_PREFIX + 'ID':28s} any Minari dataset id, e.g. {MINARI_PREFIX}mujoco/hopper/medium-v0 "
+                  f"(pip install minari); env and dims from the dataset")
         elif args.env:
             print(load(args.env, args.dataset, download=not args.no_download).summary())
         else:

@@ -8,7 +8,8 @@ datasets are evaluated on gymnasium + MuJoCo 3 + gymnasium-robotics, with wrappe
   - Adroit: gymnasium-robotics AdroitHand{Pen,Hammer,Door,Relocate}-v1 with D4RL's reward (hand-to-object
     sign, D4RL hand_manipulation_suite/*_v0.py) and D4RL's pen episode (100 steps, ends on a drop);
   - Kitchen: FrankaKitchen-v1 with the D4RL task list of each dataset, observation flattened to its 59-d
-    "observation" entry (the layout of Minari's D4RL/kitchen/*-v2 data); return = tasks completed (0..4).
+    "observation" entry (the layout of Minari's D4RL/kitchen/*-v2 data); return = tasks completed (0..4);
+  - minari:ID datasets: the env recorded in the dataset (its EnvSpec), rebuilt with gym.make, unwrapped.
 
 gymnasium is imported here; mujoco and gymnasium_robotics only when an env that needs them is built.
 Seeding: make_env(info, seed) seeds the action space and passes `seed` to the first reset() that does not
@@ -106,8 +107,13 @@ def make_env(info, seed=None, legacy_dynamics=False, render_mode=None):
         if task_set not in KITCHEN_TASKS:
             raise ValueError(f"cannot tell the kitchen tasks of {info.name!r}; expected kitchen-{{complete,partial,mixed}}-v0")
         env = KitchenObservation(_make(info, render_mode, tasks_to_complete=KITCHEN_TASKS[task_set]))
+    elif info.family == "minari":
+        env = _make_from_spec(info, render_mode)
+        if legacy_dynamics:
+            set_legacy_dynamics(env.unwrapped.model, env.unwrapped.data, info.env_id)
     else:
-        raise ValueError(f"unknown env family {info.family!r} for {info.name}; expected locomotion, adroit or kitchen")
+        raise ValueError(f"unknown env family {info.family!r} for {info.name}; "
+                         f"expected locomotion, adroit, kitchen or minari")
 
     if env.observation_space.shape != (info.obs_dim,) or env.action_space.shape != (info.act_dim,):
         raise ValueError(f"{info.env_id} has obs {env.observation_space.shape} / action {env.action_space.shape}, "
@@ -123,6 +129,26 @@ def _make(info, render_mode, **kwargs):
         # "out of date, use v5" DeprecationWarning is silenced.
         warnings.simplefilter("ignore", DeprecationWarning)
         return gym.make(info.env_id, max_episode_steps=info.max_episode_steps, render_mode=render_mode, **kwargs)
+
+
+def _make_from_spec(info, render_mode):
+    """A Minari dataset's env, rebuilt from its recorded EnvSpec (info.env_spec, JSON) exactly as minari's
+    recover_environment does (gym.make(spec)), so it needs no minari import. No D4RL wrapper is applied: the data
+    were recorded in this env as it is. A dict observation is flattened to its 'observation' entry, as the data are."""
+    from gymnasium.envs.registration import EnvSpec
+
+    spec = EnvSpec.from_json(info.env_spec)
+    if "gymnasium_robotics" in str(spec.entry_point):
+        import gymnasium_robotics
+
+        gym.register_envs(gymnasium_robotics)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # a recorded v4 env warns that v5 exists
+        env = gym.make(spec, render_mode=render_mode)
+    spaces = getattr(env.observation_space, "spaces", None)
+    if isinstance(spaces, dict) and "observation" in spaces:
+        env = KitchenObservation(env)
+    return env
 
 
 # ----------------------------------------------------------------------------- wrappers
@@ -189,7 +215,7 @@ def _gymnasium_robotics_has_sign_flip():
 
 
 class KitchenObservation(gym.Wrapper):
-    """FrankaKitchen-v1 with its dict observation flattened to the (59,) 'observation' entry.
+    """FrankaKitchen-v1 (or any env with a dict observation) with its observation flattened to the 'observation' entry.
 
     The 59 numbers are robot joint positions (9) and velocities (9), then object positions (21) and
     velocities (20), the layout of Minari's D4RL/kitchen/*-v2 datasets.

@@ -232,19 +232,22 @@ def evaluate(planner: Planner, env_name: str, episodes: int, seed: int = 100, ba
             env.close()
         returns.extend(ret.tolist())
     bar.close()
-    scores = [float(D.normalized_score(env_name, r)) for r in returns]
+    scored = D.has_reference_scores(env_name)  # a Minari dataset without reference returns is scored raw only
+    scores = [float(D.normalized_score(env_name, r)) if scored else None for r in returns]
     return {"env": env_name, "planner": planner.planner, "episodes": episodes, "k": planner.k,
             "guidance": planner.w, "candidates": planner.N, "refine_noise": planner.cfg.refine_noise,
             "causal": planner.cfg.causal, "target_return": planner.target,
             "return_mean": float(np.mean(returns)), "return_std": float(np.std(returns)),
-            "normalized_score_mean": float(np.mean(scores)), "normalized_score_std": float(np.std(scores)),
+            "normalized_score_mean": float(np.mean(scores)) if scored else None,
+            "normalized_score_std": float(np.std(scores)) if scored else None,
             "ms_per_decision": 1000.0 * plan_s / max(1, decisions), "returns": returns, "normalized_scores": scores}
 
 
 def format_result(r: dict) -> str:
+    score = ("no normalized score (no reference returns)" if r["normalized_score_mean"] is None else
+             f"normalized score {r['normalized_score_mean']:.1f} ± {r['normalized_score_std']:.1f}")
     return (f"{r['env']} planner={r['planner']} k={r['k']} episodes={r['episodes']}: return "
-            f"{r['return_mean']:.1f} ± {r['return_std']:.1f}, normalized score "
-            f"{r['normalized_score_mean']:.1f} ± {r['normalized_score_std']:.1f}, "
+            f"{r['return_mean']:.1f} ± {r['return_std']:.1f}, {score}, "
             f"{r['ms_per_decision']:.2f} ms per decision")
 
 
@@ -690,7 +693,8 @@ def run(args) -> None:
             return
         res = evaluate(planner, planner.cfg.env, args.episodes, args.seed, args.batch_envs)
         for i, (r, s) in enumerate(zip(res["returns"], res["normalized_scores"])):
-            print(f"  episode {i} (seed {args.seed + i}): return {r:9.1f}  normalized {s:6.1f}")
+            print(f"  episode {i} (seed {args.seed + i}): return {r:9.1f}  normalized "
+                  + ("   n/a" if s is None else f"{s:6.1f}"))
         print(format_result(res))
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2))

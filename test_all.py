@@ -861,7 +861,7 @@ def test_data_reference_scores_equal_d4rl_infos():
            "pen": (96.262799, 3076.8331017826877), "hammer": (-274.856578, 12794.134825156867),
            "door": (-56.512833, 2880.5693087298737), "relocate": (-6.425911, 4233.877797728884),
            "kitchen": (0.0, 4.0)}
-    assert len(data.DATASETS) == 15 + 12 + 3 + 1
+    assert len(data.DATASETS) == 15 + 12 + 3 + 3  # D4RL locomotion, Adroit, Kitchen, bundled
     for name, info in data.DATASETS.items():
         assert (info.ref_min, info.ref_max) == ref[name.split("-")[0]], name
     assert data.normalized_score("hopper-medium-v2", 3234.3) == pytest.approx(100.0)
@@ -1705,3 +1705,396 @@ def test_reliability_torchrun_two_ranks(rel_run_dir, tmp_path):
                    "--threads", 1, "--json", tmp_path / "ddp.json"])
     assert res.returncode == 0, res.stderr[-3000:]
     assert np.isfinite(json.loads((tmp_path / "ddp.json").read_text())["returns"]).all()
+
+
+# ====================================================================================================
+# any dataset: the cpu preset, termination end to end, Minari ids, the longest horizon (walker2d H = 32)
+# ====================================================================================================
+# Model sizes small enough for seconds on one core; the planning settings (H, k, w) are left to the table.
+ANY_TINY = ["--tf-half-dim", "8", "--tf-layers", "1", "--tf-heads", "2", "--tf-ffn", "16", "--unet-dim", "8",
+            "--invdyn-hidden", "16", "--n-timesteps", "10", "--batch-size", "8", "--threads", "1", "--device", "cpu"]
+
+
+def any_file(path, lengths, terminal, obs_dim=11, act_dim=3, seed=0):
+    """A D4RL-layout file of episodes with the given lengths, each ending on a terminal or a timeout.
+    Rewards are constant per episode (episode e earns e + 1 per step), so episode returns are known by hand."""
+    ends = np.cumsum(lengths) - 1
+    n = int(sum(lengths))
+    rewards = np.concatenate([np.full(l, e + 1.0, np.float32) for e, l in enumerate(lengths)])
+    term = flags(n, [e for e, t in zip(ends, terminal) if t])
+    write_d4rl(path, n=n, obs_dim=obs_dim, act_dim=act_dim, terminals=term,
+               timeouts=flags(n, [e for e, t in zip(ends, terminal) if not t]), seed=seed, rewards=rewards)
+    return path
+
+
+# ------------------------------------------------------------------------------------------ the cpu preset
+def test_any_preset_cpu_applies_and_yields_to_flags():
+    cpu = train.PRESETS["cpu"]
+    cfg = train.resolve_config({"env": "hopper-medium-v2", "preset": "cpu"})
+    assert {k: getattr(cfg, k) for k in cpu} == cpu  # every preset value lands
+    assert (cfg.horizon, cfg.refine_steps, cfg.guidance, cfg.context) == (16, 5, 1.2, 15)  # the row's planning
+    assert cfg.target_return == 0 and cfg.preset == "cpu"  # the preset's target (read off the data) beats the row's
+    # explicit flags beat the preset and the row
+    cfg = train.resolve_config({"env": "hopper-medium-v2", "preset": "cpu", "steps": 7, "lr": 1e-3, "unet_dim": 8,
+                                "target_return": 900.0, "horizon": 8})
+    assert (cfg.steps, cfg.lr, cfg.unet_dim, cfg.target_return, cfg.horizon) == (7, 1e-3, 8, 900.0, 8)
+    assert cfg.batch_size == cpu["batch_size"] and cfg.tf_layers == cpu["tf_layers"]
+    # the bundled rows name the preset instead of holding copies of its values, and --preset '' undoes it
+    for name in ("halfcheetah-medium-sb3", "hopper-medium-sb3"):
+        row = train.ENV_TABLE[name]
+        assert row["preset"] == "cpu" and not set(row) & set(cpu), name
+        cfg = train.resolve_config({"env": name})
+        assert {k: getattr(cfg, k) for k in cpu} == cpu, name
+    assert train.resolve_config({"env": "hopper-medium-sb3"}).horizon == 16
+    off = train.resolve_config({"env": "halfcheetah-medium-sb3", "preset": ""})
+    assert (off.steps, off.unet_dim, off.lr, off.use_critic) == (1_000_000, 64, 2e-4, True)
+    for fam in ("halfcheetah", "hopper", "walker2d"):  # the preset's U-Net (3 levels) accepts every family's H
+        cfg = train.resolve_config({"env": f"{fam}-medium-v2", "preset": "cpu"})
+        assert cfg.horizon % 2 ** (len(cfg.unet_mults.split(",")) - 1) == 0, fam
+    with pytest.raises(train.UsageError, match="unknown --preset 'gpu'"):
+        train.resolve_config({"env": "hopper-medium-v2", "preset": "gpu"})
+    assert "--preset" in run_script("train.py", "--help").stdout
+
+
+def test_any_target_from_data_is_the_best_episode():
+    assert train.target_from_data(np.array([650.0, 853.1, 345.5])) == 853.1
+    assert train.target_from_data([-5.0, -2.0]) == -2.0
+
+
+def test_any_preset_cli_own_file_target_and_resume(tmp_path):
+    """The README's command on a file of its own: row + preset + flags, the target read off the file, and a resume
+    that names neither the preset nor the file keeps both (they were resolved into the saved config)."""
+    f = any_file(tmp_path / "mine.hdf5", lengths=[30, 12, 40, 25], terminal=[True, True, False, True])
+    want_target = max(30 * 1.0, 12 * 2.0, 40 * 3.0, 25 * 4.0)  # episode e earns e + 1 per step: 120
+    run = tmp_path / "run"
+    p = rel_run(["train.py", "--env", "hopper-medium-v2", "--dataset", f, "--preset", "cpu", "--steps", 4,
+                 "--eval-episodes", 0, "--out", run] + ANY_TINY, D4RL_DATASET_DIR=str(tmp_path / "no-cache"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["target_return"] == pytest.approx(want_target) and cfg["preset"] == "cpu"
+    assert (cfg["horizon"], cfg["refine_steps"], cfg["guidance"]) == (16, 5, 1.2)  # hopper's row
+    assert (cfg["lr"], cfg["save_every"], cfg["unet_mults"], cfg["use_critic"]) == (5e-4, 2000, "1,2,4", False)
+    assert (cfg["unet_dim"], cfg["batch_size"], cfg["steps"]) == (8, 8, 4)  # the flags given
+    p = rel_run(["train.py", "--env", "hopper-medium-v2", "--out", run, "--resume", "--steps", 6, "--threads", 1,
+                 "--device", "cpu"], D4RL_DATASET_DIR=str(tmp_path / "no-cache"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "resuming from step 4" in p.stdout
+    ckpt = train.load_checkpoint(run / "checkpoint.pt")
+    assert ckpt["step"] == 6
+    resumed = ckpt["config"]
+    assert resumed["dataset"] == str(f) and resumed["target_return"] == pytest.approx(want_target)
+    assert {k: resumed[k] for k in cfg if k not in ("steps", "resume")} == \
+        {k: cfg[k] for k in cfg if k not in ("steps", "resume")}
+
+
+def test_any_bundled_hopper_matches_readme(tmp_path):
+    """datasets/hopper-medium-sb3.hdf5 is the file datasets/README.md describes, and its row trains."""
+    d = data.load("hopper-medium-sb3")
+    assert d.path == ROOT / "datasets" / "hopper-medium-sb3.hdf5" and d.info.env_id == "Hopper-v4"
+    assert len(d.observations) == 100000 and len(d.episode_lengths) == 484
+    assert int(d.episode_terminal.sum()) == 483 and not d.episode_terminal[-1]  # the last one ends with the data
+    assert (d.episode_lengths.min(), d.episode_lengths.max()) == (134, 264)
+    with h5py.File(ROOT / "datasets" / "hopper-medium-sb3.hdf5") as f:
+        np.testing.assert_allclose(d.episode_returns, f["metadata/episode_returns"][()], rtol=1e-4)
+    norm = data.normalized_score("hopper-medium-sb3", d.episode_returns)
+    assert round(float(norm.mean()), 1) == 20.6 and round(float(norm.max()), 1) == 26.8
+    assert round(float(d.episode_returns.mean()), 1) == 650.1
+    r = run_cli("--env", "hopper-medium-sb3")
+    assert r.returncode == 0 and "484 episodes (483 end on a terminal)" in r.stdout and "mean 20.6" in r.stdout
+    p = rel_run(["train.py", "--env", "hopper-medium-sb3", "--steps", 2, "--eval-episodes", 0, "--out",
+                 tmp_path / "run"] + ANY_TINY)
+    assert p.returncode == 0, p.stderr[-3000:]
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (cfg["horizon"], cfg["guidance"], cfg["preset"], cfg["lr"]) == (16, 1.2, "cpu", 5e-4)
+    assert cfg["target_return"] == pytest.approx(d.episode_returns.max())  # 853.1, the best episode
+
+
+# ------------------------------------------------------------------------------------------ termination
+class EndingEnv:
+    """A stand-in environment: episode `i` ends on a terminal after `length` steps, earning `rewards[t]` at step t.
+    Its observation is (i, t, 0, ...); stepping it after its end is an error."""
+
+    def __init__(self, i, length, rewards, obs_dim=11, act_dim=3):
+        import gymnasium as gym
+        self.i, self.length, self.rewards, self.t, self.obs_dim = i, length, rewards, 0, obs_dim
+        self.action_space = gym.spaces.Box(-1.0, 1.0, (act_dim,), np.float32)
+        self.actions = []
+
+    def _obs(self):
+        o = np.zeros(self.obs_dim)
+        o[:2] = self.i, self.t
+        return o
+
+    def reset(self, seed=None):
+        return self._obs(), {}
+
+    def step(self, action):
+        assert self.t < self.length, f"env {self.i} was stepped after it terminated"
+        self.actions.append(np.array(action))
+        r = self.rewards[self.t]
+        self.t += 1
+        return self._obs(), r, self.t == self.length, False, {}
+
+    def close(self):
+        pass
+
+
+def any_planner(S=11, A=3, target=600.0, horizon=4):
+    """A real Planner on tiny random models; callers replace its decide() when they need known actions."""
+    cfg = train.Config(horizon=horizon, tf_half_dim=8, tf_layers=1, tf_heads=2, tf_ffn=16, unet_dim=8,
+                       unet_mults="1,2", invdyn_hidden=16, n_timesteps=10, refine_steps=2, n_candidates=1,
+                       use_critic=False, target_return=target)
+    cfg.context = cfg.horizon - 1
+    torch.manual_seed(0)
+    models = train.build_models(cfg, S, A)
+    norm = data.Normalizer(np.zeros(S, np.float32), np.ones(S, np.float32))
+    return plan.Planner(cfg, models, norm, "cpu", {"state_dim": S, "action_dim": A})
+
+
+def test_any_eval_terminated_env_stops_and_rtg_is_exact(monkeypatch):
+    """Lockstep evaluation of 3 envs that terminate after 3, 7 and 5 steps: each env gets only its own row's
+    actions and is never stepped after its end, and the target the planner conditions on at every call equals,
+    per env, R0 - (rewards that env received so far) / scale, floored at R0 * rtg_floor, then frozen."""
+    lengths = [3, 7, 5]
+    rewards = [[10.0 * (i + 1) + t for t in range(n)] for i, n in enumerate(lengths)]  # env 1 reaches the floor
+    made = {}
+
+    def fake_make_env(name, seed=None, **kw):
+        i = seed - 100
+        made[i] = EndingEnv(i, lengths[i], rewards[i])
+        return made[i]
+
+    monkeypatch.setattr(data, "make_env", fake_make_env)
+    planner = any_planner(target=100.0)
+    seen_r, seen_s, calls = [], [], []
+
+    def decide(hist_s, hist_r):  # row i acts (i, call, 0) / 10: distinct per env and per call
+        c = len(calls)
+        calls.append(c)
+        seen_r.append(hist_r[:, -1, 0].clone())
+        seen_s.append(hist_s[:, -1].clone())
+        return torch.tensor([[i / 10, c / 10, 0.0] for i in range(hist_s.shape[0])])
+
+    planner.decide = decide
+    res = plan.evaluate(planner, "hopper-medium-v2", episodes=3, seed=100, batch_envs=3, progress=False)
+    assert len(calls) == max(lengths)  # the loop ends when the last env ends
+    R0, floor, scale = 0.1, 0.1 * planner.cfg.rtg_floor, planner.cfg.rtg_scale
+    worst = 0.0
+    for c in range(len(calls)):
+        for i, n in enumerate(lengths):
+            got_so_far = sum(rewards[i][:min(c, n)])  # before call c, env i received rewards of steps 0..c-1 (< n)
+            want = max(R0 - got_so_far / scale, floor)
+            worst = max(worst, abs(float(seen_r[c][i]) - want))
+            assert float(seen_r[c][i]) == pytest.approx(want, abs=1e-6), (c, i)
+            assert float(seen_s[c][i, 1]) == min(c, n)  # a finished env keeps its last observation
+    print("max |target - hand computed| over every call and env:", worst)
+    assert float(seen_r[-1][1]) == pytest.approx(floor)  # env 1's target hit the floor
+    for i, n in enumerate(lengths):
+        env = made[i]
+        assert env.t == n and len(env.actions) == n  # stepped exactly until its terminal
+        np.testing.assert_allclose(np.stack(env.actions), [[i / 10, c / 10, 0.0] for c in range(n)], rtol=1e-6)
+    assert res["returns"] == [sum(r) for r in rewards]
+    np.testing.assert_allclose(res["normalized_scores"], data.normalized_score("hopper-medium-v2",
+                                                                               np.array([sum(r) for r in rewards])))
+
+
+def test_any_eval_lockstep_hopper_matches_solo_rollouts():
+    """The real Hopper-v4, 3 episodes planned in lockstep with a fixed linear policy, falls at different steps;
+    each episode's return equals the same policy's solo rollout from the same seed."""
+    W = torch.as_tensor(np.random.default_rng(1).normal(size=(11, 3)) * 0.5, dtype=torch.float32)
+
+    def policy(s):  # (B, S) -> (B, A)
+        return torch.tanh(s @ W)
+
+    planner = any_planner()
+    planner.decide = lambda hist_s, hist_r: policy(hist_s[:, -1])
+    res = plan.evaluate(planner, "hopper-medium-v2", episodes=3, seed=7, batch_envs=3, progress=False)
+    solo, lengths = [], []
+    for i in range(3):
+        env = data.make_env("hopper-medium-v2", seed=7 + i)
+        obs, _ = env.reset(seed=7 + i)
+        ret, t, done = 0.0, 0, False
+        while not done:
+            a = policy(torch.as_tensor(np.asarray(obs, np.float32))[None])[0].numpy()
+            obs, r, term, trunc, _ = env.step(a)
+            ret, t, done = ret + r, t + 1, term or trunc
+        solo.append(ret)
+        lengths.append(t)
+    print("episode lengths", lengths, "lockstep", res["returns"], "solo", solo)
+    assert max(lengths) < 1000 and len(set(lengths)) > 1  # they terminate, at different steps
+    np.testing.assert_allclose(res["returns"], solo, rtol=1e-5)
+
+
+def test_any_windows_terminal_absorbing_padded_and_masked(tmp_path):
+    """Hopper-shaped file, hopper's H = 16: windows that reach a terminal are padded with the absorbing terminal
+    state (action 0, return-to-go 0, mask 0, flagged terminal), every start of a terminal episode is used, and the
+    transformer and inverse-dynamics losses do not see the padding."""
+    L = 16
+    lengths, terminal = [5, 20, 30], [True, True, False]
+    f = any_file(tmp_path / "t.hdf5", lengths, terminal)
+    d = data.load("hopper-medium-v2", path=f)
+    s = data.WindowSampler(d, L)
+    assert s.starts.tolist() == list(range(0, 5)) + list(range(5, 25)) + list(range(25, 25 + 30 - L + 1))
+    b = s.sample(2048, torch.Generator().manual_seed(0))
+    assert set(b["start"].tolist()) == set(s.starts.tolist())
+    norm = d.normalizer.normalize(d.observations)  # (N, S)
+    ends = np.cumsum(lengths)
+    for k in range(len(b["start"])):
+        st = int(b["start"][k])
+        e = int(np.searchsorted(ends, st, side="right"))
+        end, first = int(ends[e]), int(ends[e] - lengths[e])
+        n_real = min(L, end - st)
+        pad = slice(n_real, L)
+        assert b["mask"][k].tolist() == [1.0] * n_real + [0.0] * (L - n_real)
+        np.testing.assert_array_equal(b["states"][k, :n_real].numpy(), norm[st:st + n_real])
+        np.testing.assert_array_equal(b["states"][k, pad].numpy(), np.broadcast_to(norm[end - 1], (L - n_real, 11)))
+        assert (b["actions"][k, pad] == 0).all() and (b["rtg"][k, pad] == 0).all() and (b["next_mask"][k, pad] == 0).all()
+        # return-to-go: (e + 1) per remaining step of the episode, scaled; after the terminal nothing is earned
+        want_rtg = [(e + 1) * (end - (st + j)) / 1000 for j in range(n_real)]
+        np.testing.assert_allclose(b["rtg"][k, :n_real, 0].numpy(), want_rtg, rtol=1e-6)
+        assert b["terminal"][k].tolist() == [terminal[e] and st + j >= end - 1 for j in range(L)]
+        if not terminal[e]:
+            assert n_real == L  # a timeout episode's windows are never padded here (it is longer than L)
+    # the losses ignore the padding: garbage in every padded slot changes nothing; a real slot does change them
+    torch.manual_seed(0)
+    tf = TrajectoryTransformer(11, max_len=L, **TINY).eval()
+    inv = InverseDynamics(11, 3, hidden=16)
+    pad = b["mask"] == 0  # (B, L)
+    assert pad.any()
+
+    def losses(bb):
+        return (tf.loss(bb["states"], bb["rtg"], bb["mask"])[0].item(),
+                inv.loss(bb["states"], bb["next_states"], bb["actions"], bb["next_mask"]).item())
+
+    junk = {k: v.clone() for k, v in b.items()}
+    for key in ("states", "next_states", "actions", "rtg"):
+        junk[key][pad] = 1e3
+    assert losses(junk) == losses(b)
+    junk["states"][:, 0] += 1.0  # a real step
+    a, c = losses(junk), losses(b)
+    assert a[0] != c[0] and a[1] != c[1]
+
+
+# ------------------------------------------------------------------------------------------ Minari by id
+class FakeMinariDataset:
+    """The parts of minari.MinariDataset the loader reads: iterate_episodes(), observation/action spaces, env_spec,
+    storage.metadata (ref scores, the env spec as JSON) and spec.data_path."""
+
+    def __init__(self, dataset_id, env_id="Hopper-v4", episodes=((60, True), (40, False), (80, True)), refs=(-20.0, 3000.0)):
+        import gymnasium as gym
+        rng = np.random.default_rng(0)
+        spec = gym.spec(env_id)
+        S, A = spec.make().observation_space.shape[0], spec.make().action_space.shape[0]
+        self.observation_space = gym.spaces.Box(-np.inf, np.inf, (S,), np.float64)
+        self.action_space = gym.spaces.Box(-1.0, 1.0, (A,), np.float32)
+        self.env_spec = spec
+        self.episodes = []
+        for T, term in episodes:
+            self.episodes.append(types.SimpleNamespace(
+                observations=rng.normal(size=(T + 1, S)), actions=rng.uniform(-1, 1, (T, A)).astype(np.float32),
+                rewards=rng.uniform(0, 5, T), terminations=flags(T, [T - 1] if term else []),
+                truncations=flags(T, [] if term else [T - 1])))
+        meta = {"dataset_id": dataset_id, "env_spec": spec.to_json()}
+        if refs is not None:
+            meta.update(ref_min_score=refs[0], ref_max_score=refs[1])
+        self.storage = types.SimpleNamespace(metadata=meta)
+        self.spec = types.SimpleNamespace(data_path=f"/minari/{dataset_id}/data")
+
+    def iterate_episodes(self):
+        return iter(self.episodes)
+
+
+def fake_minari(monkeypatch, **datasets):
+    loaded = []
+
+    def load_dataset(dataset_id, download=False):
+        loaded.append(dataset_id)
+        if dataset_id not in datasets:
+            raise FileNotFoundError(f"Dataset {dataset_id} not found locally")
+        return datasets[dataset_id]
+
+    monkeypatch.setitem(sys.modules, "minari", types.SimpleNamespace(load_dataset=load_dataset))
+    monkeypatch.setattr(data, "_MINARI_INFOS", {})
+    return loaded
+
+
+def test_any_minari_id_loads_trains_and_scores(monkeypatch, tmp_path):
+    name = "minari:mujoco/hopper/medium-v0"
+    ds = FakeMinariDataset("mujoco/hopper/medium-v0")
+    fake_minari(monkeypatch, **{"mujoco/hopper/medium-v0": ds})
+    info = data.get_info(name)
+    assert (info.env_id, info.obs_dim, info.act_dim, info.max_episode_steps) == ("Hopper-v4", 11, 3, 1000)
+    assert (info.ref_min, info.ref_max, info.family, info.minari_id) == (-20.0, 3000.0, "minari", "mujoco/hopper/medium-v0")
+    d = data.load(name)  # the same loading, validation and window path as every dataset
+    assert str(d.path) == "/minari/mujoco/hopper/medium-v0/data"
+    assert d.episode_lengths.tolist() == [60, 40, 80] and d.episode_terminal.tolist() == [True, False, True]
+    np.testing.assert_allclose(d.observations[60:100], ds.episodes[1].observations[:40], rtol=1e-6)
+    np.testing.assert_allclose(d.next_observations[:60], ds.episodes[0].observations[1:], rtol=1e-6)
+    np.testing.assert_allclose(d.episode_returns, [e.rewards.sum() for e in ds.episodes], rtol=1e-6)
+    assert len(data.WindowSampler(d, 16)) == 60 + (40 - 16 + 1) + 80
+    assert data.normalized_score(name, 1490.0) == pytest.approx(50.0)
+    # planning settings: hopper's row by the recorded env id, the target read off the data
+    cfg = train.resolve_config({"env": name})
+    assert (cfg.horizon, cfg.refine_steps, cfg.guidance, cfg.target_return) == (16, 5, 1.2, 0)
+    assert cfg.out == os.path.join("runs", "minari-mujoco-hopper-medium-v0-s0")
+    # the real training entry point, then an evaluation episode in the env rebuilt from the recorded spec
+    out = train.train({"env": name, "preset": "cpu", "steps": 2, "eval_episodes": 1, "out": str(tmp_path / "run"),
+                       "tf_half_dim": 8, "tf_layers": 1, "tf_heads": 2, "tf_ffn": 16, "unet_dim": 8,
+                       "invdyn_hidden": 16, "n_timesteps": 10, "batch_size": 8, "threads": 1, "device": "cpu"})
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    ev = next(r["eval"] for r in rows if "eval" in r)
+    assert ev["env"] == name and len(ev["returns"]) == 1 and math.isfinite(ev["returns"][0])
+    assert ev["normalized_score_mean"] == pytest.approx(100 * (ev["returns"][0] + 20.0) / 3020.0)
+    assert json.loads((out / "config.json").read_text())["target_return"] == pytest.approx(d.episode_returns.max())
+
+
+def test_any_minari_without_references_unknown_family_and_missing(monkeypatch):
+    fake_minari(monkeypatch, **{"local/hopper-noref-v0": FakeMinariDataset("local/hopper-noref-v0", refs=None),
+                                "local/pendulum-v0": FakeMinariDataset("local/pendulum-v0", env_id="Pendulum-v1")})
+    name = "minari:local/hopper-noref-v0"
+    assert not data.has_reference_scores(name)
+    assert "no reference returns" in data.load(name).summary()
+    planner = any_planner()
+    planner.decide = lambda hist_s, hist_r: torch.zeros(hist_s.shape[0], 3)
+    res = plan.evaluate(planner, name, episodes=1, seed=0, batch_envs=1, progress=False)
+    assert res["normalized_score_mean"] is None and res["normalized_scores"] == [None]
+    assert math.isfinite(res["return_mean"]) and "no normalized score" in plan.format_result(res)
+    json.dumps(res, allow_nan=False)  # strict JSON: no NaN for the missing score
+    # an env of no known family: one clear error, unless the planning settings are given
+    with pytest.raises(train.UsageError) as e:
+        train.resolve_config({"env": "minari:local/pendulum-v0"})
+    assert "Pendulum-v1" in str(e.value) and "--horizon" in str(e.value) and "\n" not in str(e.value)
+    cfg = train.resolve_config({"env": "minari:local/pendulum-v0", "horizon": 8, "refine_steps": 3})
+    assert (cfg.horizon, cfg.refine_steps, cfg.target_return) == (8, 3, 0)
+    one_line_error(lambda: data.get_info("minari:local/missing-v0"), "local/missing-v0", "minari download")
+    monkeypatch.setitem(sys.modules, "minari", None)  # not installed
+    monkeypatch.setattr(data, "_MINARI_INFOS", {})
+    one_line_error(lambda: data.get_info(name), name, "pip install minari")
+
+
+# ------------------------------------------------------------------------------------------ walker2d, H = 32
+def test_any_walker2d_h32_trains_and_plans(tmp_path):
+    """The longest horizon of the official table: walker2d-medium-v2's row (H = 32) with the cpu preset, on a tiny
+    walker-shaped file: training, an evaluation episode on Walker2d-v4, and the planner's act()."""
+    f = any_file(tmp_path / "walker.hdf5", lengths=[70, 50, 80], terminal=[False, True, False], obs_dim=17, act_dim=6)
+    run = tmp_path / "run"
+    p = rel_run(["train.py", "--env", "walker2d-medium-v2", "--dataset", f, "--preset", "cpu", "--steps", 3,
+                 "--log-every", 1, "--eval-episodes", 1, "--out", run] + ANY_TINY, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    cfg = json.loads((run / "config.json").read_text())
+    assert (cfg["horizon"], cfg["context"], cfg["refine_steps"], cfg["guidance"], cfg["unet_mults"]) == \
+        (32, 31, 5, 1.1, "1,2,4")
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
+    assert all(math.isfinite(v) for r in rows if "loss" in r for v in r["loss"].values())
+    ev = next(r["eval"] for r in rows if "eval" in r)
+    assert ev["env"] == "walker2d-medium-v2" and math.isfinite(ev["return_mean"])
+    planner = plan.Planner.from_checkpoint(run / "checkpoint.pt", device="cpu")
+    assert planner.denoiser.horizon == 32 and planner.calls_per_decision() == 31 + 5 + 1
+    env = data.make_env("walker2d-medium-v2", seed=0)
+    obs, _ = env.reset(seed=0)
+    reward = None
+    for _ in range(3):
+        a = planner.act(obs, reward)
+        assert a.shape == (6,) and np.all(np.abs(a) <= 1) and np.all(np.isfinite(a))
+        obs, reward, *_ = env.step(a)

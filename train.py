@@ -9,6 +9,8 @@ Huang et al., "Diffusion Models as Optimizers for Efficient Planning in Offline 
 
     python train.py --env halfcheetah-medium-sb3            # offline quickstart on the bundled data
     python train.py --env halfcheetah-medium-v2             # official sizes, needs the D4RL file
+    python train.py --env hopper-medium-v2 --dataset FILE --preset cpu   # your own file, CPU-sized recipe
+    python train.py --env minari:mujoco/hopper/medium-v0 --preset cpu    # a Minari dataset (pip install minari)
     torchrun --nproc_per_node=2 train.py --env ... --device cpu   # DistributedDataParallel
     python train.py --help                                  # every Config field is a flag
 
@@ -51,8 +53,12 @@ def _f(default, help):
 # ----------------------------------------------------------------------------------------------------
 @dataclass
 class Config:
-    env: str = _f("halfcheetah-medium-v2", "dataset name (python data.py --list shows all)")
+    env: str = _f("halfcheetah-medium-v2", "dataset name (python data.py --list shows all), or minari:ID for a Minari "
+                                           "dataset, e.g. minari:mujoco/hopper/medium-v0 (pip install minari)")
     dataset: str = _f("", "path to a D4RL-layout hdf5 file; empty = bundled file, D4RL cache, or download")
+    preset: str = _f("", "cpu = CPU-sized models and budget for any dataset (PRESETS below: 10k steps, small nets, "
+                         "target read off the data); it overrides the dataset's row, explicit flags override it; "
+                         "'' = none")
     out: str = _f("", "run directory; empty = runs/<env>-s<seed>")
     resume: bool = _f(False, "continue the run in --out from its checkpoint.pt")
     seed: int = _f(0, "seed for python, numpy, torch and the data order")
@@ -100,7 +106,7 @@ class Config:
     refine_steps: int = _f(5, "k, diffusion steps that refine the transformer plan (official halfcheetah 5)")
     guidance: float = _f(1.1, "classifier-free guidance weight w (official halfcheetah 1.1)")
     target_return: float = _f(5300.0, "episode return the planner conditions on (official halfcheetah-medium 5300); "
-                                      "0 = the best episode return in the training data")
+                                      "0 = read off the data: its best episode return (see target_from_data)")
     rtg_floor: float = _f(1 / 3, "the decremented target never drops below this fraction of its start (official)")
     n_candidates: int = _f(32, "plans per decision, ranked by the critic (official 32)")
     critic_temperature: float = _f(1.0, "softmax temperature over critic values; 0 = argmax (official 1)")
@@ -147,21 +153,46 @@ def _build_env_table() -> dict[str, dict]:
             table[f"{task}-{quality}-v1"] = dict(horizon=h, refine_steps=k, guidance=w, target_return=target, lr=1e-4)
     for name, target in (("partial", 500), ("mixed", 400), ("complete", 500)):  # complete takes partial's
         table[f"kitchen-{name}-v0"] = dict(horizon=32, refine_steps=5, guidance=1.2, target_return=target, lr=1e-4)
-    # The bundled stand-in: halfcheetah-medium's planning settings (H, k, w), the target read off the data
-    # (its best episode, 4785 here; the official 5300 lies above every episode of this file; reading it off
-    # the data keeps the recipe usable on other halfcheetah files via --dataset), and CPU-sized models and
-    # budget so that training plus a 10-episode evaluation finishes in under 20 minutes on 2 CPU cores.
-    # DEVIATION: lr 5e-4 at batch 64 (official 2e-4 at 32) so that 10k CPU steps suffice; smaller models.
-    cpu = dict(
-        horizon=8, refine_steps=5, guidance=1.1, target_return=0, lr=5e-4,
-        steps=10_000, lr_decay_steps=10_000, ema_start=1_000, save_every=2_000, batch_size=64,
-        tf_half_dim=64, tf_ffn=256, tf_layers=3, unet_dim=32, unet_mults="1,2,4", invdyn_hidden=256,
-        n_candidates=1, use_critic=False)
+    # The bundled stand-ins: their family's planning settings (H, k, w) and the CPU preset (models, budget,
+    # a target read off the data). The official targets lie above every episode of these files.
     for name in ("halfcheetah-medium-sb3", "halfcheetah-medium-replay-sb3"):
-        table[name] = dict(cpu)
+        table[name] = dict(horizon=8, refine_steps=5, guidance=1.1, preset="cpu")
+    h, k, w, _ = _LOCO["hopper"]
+    table["hopper-medium-sb3"] = dict(horizon=h, refine_steps=k, guidance=w, preset="cpu")
     return table
 
 
+ENV_TABLE = _build_env_table()
+
+# Presets: one named recipe that sizes the models and the budget, for any dataset (--preset NAME). The dataset's
+# row keeps its planning settings (H, k, w); the preset overrides the rest of the row; explicit flags override both.
+# "cpu": training plus a 10-episode evaluation of halfcheetah-medium-sb3 took under 20 minutes on 2 CPU cores.
+# DEVIATION: lr 5e-4 at batch 64 (official 2e-4 at 32) so that 10k CPU steps suffice; smaller models; one
+# candidate without the critic; the target is read off the data (target_from_data), because the official
+# targets belong to D4RL's files and may lie above everything another file holds.
+PRESETS = {
+    "cpu": dict(steps=10_000, lr_decay_steps=10_000, ema_start=1_000, save_every=2_000, batch_size=64, lr=5e-4,
+                tf_half_dim=64, tf_ffn=256, tf_layers=3, unet_dim=32, unet_mults="1,2,4", invdyn_hidden=256,
+                n_candidates=1, use_critic=False, target_return=0),
+}
+
+# A Minari dataset (--env minari:ID) takes the planning settings of the family its environment id names, with the
+# target read off the data: the official targets are D4RL's, and Minari's data come from other policies and envs.
+MINARI_FAMILY_ROWS = {  # lower-case env id prefix -> ENV_TABLE row
+    "halfcheetah": "halfcheetah-medium-v2", "hopper": "hopper-medium-v2", "walker2d": "walker2d-medium-v2",
+    "adroithandpen": "pen-human-v1", "adroithanddoor": "door-human-v1", "adroithandhammer": "hammer-human-v1",
+    "adroithandrelocate": "relocate-human-v1", "frankakitchen": "kitchen-partial-v0",
+}
+
+
+def target_from_data(episode_returns) -> float:
+    """The target return for target_return = 0: the best episode return in the training data.
+
+    At an episode's first step the return-to-go is that episode's return, so the best return is the highest
+    condition the models saw at the start of an episode and the highest the data show to be reachable. A
+    higher target asks the models to extrapolate; a quantile (say the 90th) would ask for less than the data's
+    best behaviour. One outlier episode can set it, which the decrement floor (rtg_floor) does not undo."""
+    return float(np.max(episode_returns))
 ENV_TABLE = _build_env_table()
 
 
@@ -171,7 +202,13 @@ def config_fields() -> list[dataclasses.Field]:
 
 def build_parser() -> argparse.ArgumentParser:
     """Flags are built from the Config fields; their defaults are SUPPRESSed so that we know which were given."""
-    p = argparse.ArgumentParser(description="Train Trajectory Diffuser.", argument_default=argparse.SUPPRESS)
+    presets = "; ".join(f"{name}: " + ", ".join(f"{k}={v}" for k, v in values.items()) for name, values in PRESETS.items())
+    p = argparse.ArgumentParser(
+        description="Train Trajectory Diffuser.", argument_default=argparse.SUPPRESS,
+        epilog=f"Settings: Config defaults < the dataset's row of ENV_TABLE < --preset < flags given here. "
+               f"Presets ({presets}). target_return=0 reads the target off the data: its best episode return, the "
+               f"highest return-to-go the models saw at an episode's start. "
+               f"Your own file on a CPU: --env hopper-medium-v2 --dataset FILE --preset cpu.".replace("%", "%%"))
     for f in config_fields():
         flag = "--" + f.name.replace("_", "-")
         help_text = f"{f.metadata['help']} (default {f.default})".replace("%", "%%")  # argparse formats help with %
@@ -183,14 +220,33 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def env_row(env: str, given: dict) -> dict:
+    """The env's row of ENV_TABLE; for minari:ID, the row of the family its recorded environment id names."""
+    if not env.startswith("minari:"):
+        return ENV_TABLE.get(env, {})  # an unknown name fails in data.get_info with a suggestion
+    import data as D
+    env_id = D.get_info(env).env_id
+    for prefix, row in MINARI_FAMILY_ROWS.items():
+        if env_id.lower().startswith(prefix):
+            return dict(ENV_TABLE[row], target_return=0)
+    if "horizon" not in given:
+        raise UsageError(f"{env}: its environment {env_id} is none of the families with planning settings "
+                         f"({', '.join(MINARI_FAMILY_ROWS)}); give them: --horizon H --refine-steps K --guidance W")
+    return {"target_return": 0}
+
+
 def resolve_config(given: dict) -> Config:
-    """Config defaults < the env's table row < flags given on the command line."""
+    """Config defaults < the env's table row < the preset (the row's, or --preset) < flags given on the command line."""
     env = given.get("env", Config.env)
-    cfg = Config(**{**ENV_TABLE.get(env, {}), **given})
+    row = env_row(env, given)
+    preset = given.get("preset", row.get("preset", ""))
+    if preset and preset not in PRESETS:
+        raise UsageError(f"unknown --preset {preset!r}; choose {', '.join(PRESETS)} (or '' for none)")
+    cfg = Config(**{**row, **PRESETS.get(preset, {}), **given})
     if cfg.context <= 0:
         cfg.context = cfg.horizon - 1
-    if not cfg.out:
-        cfg.out = os.path.join("runs", f"{cfg.env}-s{cfg.seed}")
+    if not cfg.out:  # a Minari id holds '/' and ':'; the run directory stays one folder
+        cfg.out = os.path.join("runs", f"{cfg.env.replace(':', '-').replace('/', '-')}-s{cfg.seed}")
     return cfg
 
 
@@ -552,16 +608,18 @@ def train(given: dict) -> Path:
         if old.env != cfg.env:
             raise UsageError(f"--resume: {out}/checkpoint.pt was trained on {old.env}, not {cfg.env}; "
                              f"use --env {old.env} or another --out")
-        keep = {"steps", "resume", "device", "threads", "debug", "eval_episodes", "eval_every", "save_every",
-                "dataset", "amp", "cuda_graph",
-                "log_every", "batch_envs", "out"}
-        cfg = dataclasses.replace(old, **{k: v for k, v in dataclasses.asdict(cfg).items() if k in keep})
+        # this machine and this invocation: always now; the budget and the data file: now if given, else the
+        # checkpoint's (so a run made with --preset or --dataset resumes with the same steps and the same file)
+        now = {"resume", "device", "threads", "debug", "amp", "cuda_graph", "out"}
+        keep = {"steps", "eval_episodes", "eval_every", "save_every", "dataset", "log_every", "batch_envs"}
+        cfg = dataclasses.replace(old, **{k: v for k, v in dataclasses.asdict(cfg).items()
+                                          if k in now or (k in keep and k in given)})
 
     set_seed(cfg.seed)  # every rank builds the same initial weights, the EMA copy included
     data = D.load(cfg.env, cfg.dataset or None, rtg_scale=cfg.rtg_scale, discount=cfg.discount,
                   cond_discount=cfg.cond_discount)
-    if cfg.target_return <= 0:  # a target read off the data: its best episode (resolved once, saved in config)
-        cfg.target_return = float(data.episode_returns.max())
+    if cfg.target_return <= 0:  # a target read off the data (resolved once, saved in config)
+        cfg.target_return = target_from_data(data.episode_returns)
     if cfg.cond_scale <= 0:  # the denoiser's condition scale, read off the data (resolved once, saved in config)
         cfg.cond_scale = float(np.abs(data.cond_rtg).max()) or 1.0
     S, A = data.observations.shape[1], data.actions.shape[1]
@@ -692,7 +750,7 @@ def plot_curves(metrics_path: Path, png: Path) -> bool:
         return False
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     train_rows = [r for r in rows if "loss" in r]
-    evals = [r for r in rows if "eval" in r]
+    evals = [r for r in rows if "eval" in r and r["eval"]["normalized_score_mean"] is not None]  # None: no references
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for name in (train_rows[0]["loss"] if train_rows else {}):
         axes[0].plot([r["step"] for r in train_rows], [r["loss"][name] for r in train_rows], label=name)
