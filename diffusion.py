@@ -280,12 +280,13 @@ class GaussianDiffusion(nn.Module):
 
     def guided_output(self, x, t, returns, w):
         """out_u + w (out_c - out_u): Ho & Salimans Eq. 6 with their w = our w - 1 (w = 1: conditional).
+        w is a float, or a (B, 1, 1) tensor of one weight per row.
         The eps implied by v is affine in v with the same coefficients for both, so guiding v guides eps.
 
         DEVIATION: one forward pass over 2B rows (official: two passes; equal, since every layer acts per row).
         """
         B = x.shape[0]
-        if w == 1.0:  # out_u + 1 * (out_c - out_u) = out_c: the conditional pass alone, at half the cost
+        if not torch.is_tensor(w) and w == 1.0:  # out_u + 1 * (out_c - out_u) = out_c: the conditional pass alone, at half the cost
             return self.model(x, t, returns, torch.ones(B, device=x.device))
         use_cond = torch.cat([torch.ones(B, device=x.device), torch.zeros(B, device=x.device)])  # (2B,)
         out = self.model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([returns, returns]), use_cond)

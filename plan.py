@@ -171,13 +171,14 @@ class Planner:
         hr = hist_r.repeat_interleave(N, 0)               # (B, c, 1) -> (B*N, c, 1)
         s0 = hs[:, -1]                                    # (B*N, S)
         cond = torch.full((B * N, 1), float(self.cond_target), device=hs.device)  # (B*N, 1) denoiser condition
+        w = self.w.repeat_interleave(N, 0) if torch.is_tensor(self.w) else self.w  # per-row (B,1,1) in sweeps
         if self.planner == "diffusion":
-            x = self.denoiser.sample(s0, cond, self.w)    # (B*N, H, S), all T steps from noise
+            x = self.denoiser.sample(s0, cond, w)         # (B*N, H, S), all T steps from noise
         else:
             future, _ = self.transformer.rollout(hs, hr, H - 1)          # (B*N, H-1, S)
             x = torch.cat([s0[:, None], future], dim=1)                  # (B*N, H, S)
             if self.k > 0:
-                x = self.denoiser.refine(x, self.k, cond, self.w, add_noise=self.cfg.refine_noise)
+                x = self.denoiser.refine(x, self.k, cond, w, add_noise=self.cfg.refine_noise)
         a = clamp_action(self.invdyn(x[:, 0], x[:, 1]), self.low, self.high)  # (B*N, A)
         if N > 1:
             q = self.critic(x[:, 0], a).view(B, N)                       # (B*N,) -> (B, N)
@@ -197,7 +198,8 @@ class Planner:
 # Evaluation: B environments in lockstep, one batched planner call per step
 # ----------------------------------------------------------------------------------------------------
 def evaluate(planner: Planner, env_name: str, episodes: int, seed: int = 100, batch_envs: int = 10,
-             progress: bool = True) -> dict:
+             progress: bool = True, seeds=None) -> dict:
+    """Episode i resets with env seed seed + i (or seeds[i]); batch_envs episodes are planned together."""
     import data as D
     from tqdm import tqdm
 
@@ -209,8 +211,9 @@ def evaluate(planner: Planner, env_name: str, episodes: int, seed: int = 100, ba
     for start in range(0, episodes, batch_envs):
         n = min(batch_envs, episodes - start)
         kw = {"legacy_dynamics": True} if planner.cfg.legacy_dynamics else {}
-        envs = [D.make_env(env_name, seed=seed + start + i, **kw) for i in range(n)]
-        obs = np.stack([e.reset(seed=seed + start + i)[0] for i, e in enumerate(envs)])
+        ep_seeds = [seed + start + i if seeds is None else seeds[start + i] for i in range(n)]
+        envs = [D.make_env(env_name, seed=sd, **kw) for sd in ep_seeds]
+        obs = np.stack([e.reset(seed=sd)[0] for e, sd in zip(envs, ep_seeds)])
         planner.set_bounds(envs[0].action_space.low, envs[0].action_space.high)
         planner.reset(n)
         ret, done, reward = np.zeros(n), np.zeros(n, bool), None
@@ -394,20 +397,33 @@ def benchmark(ckpt_path, device: str, decisions: int, ref_decisions: int, ks=(1,
 def sweep_k(ckpt_path, device: str, episodes: int, seed: int, batch_envs: int, ks, plot: str | None,
             cuda_graph: bool = False, guidances=None, endpoints: bool = True) -> list:
     """Score and time per (w, k): the paper's trade-off curve, one curve per guidance weight w, with the
-    transformer (k = 0) and, if endpoints, diffusion from noise (k = T, at the checkpoint's w) beside them."""
+    transformer (k = 0) and, if endpoints, diffusion from noise (k = T, at the checkpoint's w) beside them.
+    All weights of one k are planned in one batch (row i has its own w), each on the same episode seeds, so
+    a sweep costs one batched evaluation per k. ms_benchmark times each (k, w) alone at batch 1."""
     base = Planner.from_checkpoint(ckpt_path, device=device)
-    runs = [("transformer", 0, None)] + [("td", k, w) for w in (guidances or [None]) for k in ks]
-    if endpoints:
-        runs.append(("diffusion", None, None))
+    ws = list(guidances or [base.w])
+    runs = [("transformer", 0)] + [("td", k) for k in ks] + ([("diffusion", None)] if endpoints else [])
     results = []
-    for planner, k, w in runs:
-        p = Planner.from_checkpoint(ckpt_path, device=device, planner=planner, refine_steps=k, guidance=w)
+    for planner, k in runs:
+        p = Planner.from_checkpoint(ckpt_path, device=device, planner=planner, refine_steps=k)
         if cuda_graph:
             p.enable_cuda_graphs()
-        r = evaluate(p, base.cfg.env, episodes, seed, batch_envs, progress=False)
-        r["ms_benchmark"] = time_decisions(p, 1, 10)
-        print(format_result(r), f"| w={p.w} | {r['ms_benchmark']:.2f} ms per decision at batch 1", flush=True)
-        results.append(r)
+        sweep_w = planner == "td" and len(ws) > 1
+        if sweep_w:
+            p.w = torch.tensor(ws, device=p.device).repeat_interleave(episodes)[:, None, None]  # (len(ws)*E, 1, 1)
+        r = evaluate(p, base.cfg.env, episodes * (len(ws) if sweep_w else 1), seed,
+                     episodes * len(ws) if sweep_w else batch_envs, progress=False,
+                     seeds=[seed + i % episodes for i in range(episodes * len(ws))] if sweep_w else None)
+        for j, w in enumerate(ws if sweep_w else [p.w if planner != "td" else ws[0]]):
+            rows = slice(j * episodes, (j + 1) * episodes)
+            one = dict(r, guidance=float(w), episodes=episodes, returns=r["returns"][rows],
+                       normalized_scores=r["normalized_scores"][rows])
+            for key, v in (("return", one["returns"]), ("normalized_score", one["normalized_scores"])):
+                one[f"{key}_mean"], one[f"{key}_std"] = float(np.mean(v)), float(np.std(v))
+            p.w = float(w)
+            one["ms_benchmark"] = time_decisions(p, 1, 10)
+            print(format_result(one), f"| w={w:g} | {one['ms_benchmark']:.2f} ms per decision at batch 1", flush=True)
+            results.append(one)
     if plot:
         plot_sweep(results, plot)
     return results

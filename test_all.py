@@ -390,6 +390,10 @@ def test_diffusion_guidance():
         print("guidance w=1 vs cond, w=0 vs uncond, batched vs two passes (w=1.7) max |diff|:", diffs)
         assert max(diffs) < 1e-5
         assert (eps_c - eps_u).abs().max() > 1e-3  # the condition actually reaches the output
+        # one weight per row (the sweep batches its weights) equals each row guided alone
+        w = torch.tensor([1.0, 1.2, 2.0, 3.0])[:, None, None]
+        rows = torch.cat([d.guided_output(x[i:i + 1], t[i:i + 1], r[i:i + 1], float(w[i])) for i in range(4)])
+        assert (d.guided_output(x, t, r, w) - rows).abs().max() < 1e-5
         # a dropped row ignores the return value
         assert torch.allclose(eps_u, d.model(x, t, r + 5.0, torch.zeros(4)), atol=0, rtol=0)
 
@@ -1347,6 +1351,18 @@ def test_cli_plan_diagnose_writes_png_and_json(tiny_run, tmp_path):
     assert all(math.isfinite(v) and v >= 0 for v in vals)
     # the trivial predictor is nearly exact at the last step and poor at the first
     assert r["per_t"]["eps_mse_trivial"][-1] < 1e-2 < r["per_t"]["eps_mse_trivial"][0]
+
+
+def test_cli_plan_sweep_k_by_w(tiny_run, tmp_path):
+    js, png = tmp_path / "s.json", tmp_path / "s.png"
+    run_script("plan.py", "--checkpoint", tiny_run["out"] / "checkpoint.pt", "--sweep-k", "--ks", "1,2",
+               "--guidances", "1.0,2.0", "--episodes", "2", "--no-endpoints", "--json", js, "--plot", png,
+               "--threads", "1", timeout=600)
+    rows = json.loads(js.read_text())
+    assert [(r["planner"], r["k"], r["guidance"]) for r in rows] == [
+        ("transformer", 0, rows[0]["guidance"]), ("td", 1, 1.0), ("td", 1, 2.0), ("td", 2, 1.0), ("td", 2, 2.0)]
+    assert all(r["episodes"] == len(r["returns"]) == 2 and r["ms_benchmark"] > 0 for r in rows)
+    assert png.is_file()
 
 
 def test_plan_planner_variants_calls(tiny_run):
