@@ -1029,26 +1029,36 @@ def test_envs_pen_terminates_on_drop():
 
 # ----------------------------------------------------------------------------- legacy dynamics
 
+LOCO_V2 = ["halfcheetah-medium-v2", "hopper-medium-v2", "walker2d-medium-v2"]
+
+
 def _old_capsule_model(xml_path):
     """Compile the XML with every capsule as MuJoCo < 2.1.2 weighed it: a cylinder of half-height l + r/2."""
     spec = mujoco.MjSpec.from_file(xml_path)
     for g in spec.geoms:
         if g.type == mujoco.mjtGeom.mjGEOM_CAPSULE:
-            assert np.isnan(g.fromto[0]), "fromto capsules would need their length from fromto"
             g.type = mujoco.mjtGeom.mjGEOM_CYLINDER
-            g.size[1] += g.size[0] / 2
+            if np.isnan(g.fromto[0]):
+                g.size[1] += g.size[0] / 2
+            else:  # HalfCheetah's torso: a fromto capsule, lengthened by r/2 at each end
+                a, b = np.array(g.fromto[:3]), np.array(g.fromto[3:])
+                u = (b - a) / np.linalg.norm(b - a) * g.size[0] / 2
+                g.fromto[:3], g.fromto[3:] = a - u, b + u
     return spec.compile()
 
 
-@pytest.mark.parametrize("name,heavier", [("hopper-medium-v2", 0.036), ("walker2d-medium-v2", 0.043)])
+@pytest.mark.parametrize("name,heavier", [("halfcheetah-medium-v2", 0.0), ("hopper-medium-v2", 0.036),
+                                          ("walker2d-medium-v2", 0.043)])
 def test_envs_legacy_dynamics(name, heavier):
     new = data.make_env(name).unwrapped
     env = data.make_env(name, legacy_dynamics=True)
     m = env.unwrapped.model
     table = envs.LEGACY_BODY_INERTIA[data.DATASETS[name].env_id]
-    for body, (mass, inertia) in table.items():
+    for body, (mass, inertia, *frame) in table.items():
         b = _id("body", m, body)
         assert m.body_mass[b] == mass and np.array_equal(m.body_inertia[b], inertia)
+        if frame:
+            assert np.array_equal(m.body_ipos[b], frame[0]) and np.array_equal(m.body_iquat[b], frame[1])
     ratio = new.model.body_mass.sum() / m.body_mass.sum() - 1
     print(f"{name}: MuJoCo 3 bodies are {100 * ratio:.2f}% heavier than the legacy ones")
     assert abs(ratio - heavier) < 1e-3
@@ -1070,13 +1080,94 @@ def test_envs_legacy_dynamics(name, heavier):
     print(f"{name}: max |patched - cylinder-compiled| model fields {worst:.2e}, qM {worst_qm:.2e}")
     assert worst < 1e-12 and worst_qm < 1e-12
     assert np.abs(new.model.body_inertia - m.body_inertia).max() > 1e-3  # the patch changed something
+    # contact margins: every geom has the same one (the premise of halving), and legacy halves it
+    assert np.all(new.model.geom_margin == new.model.geom_margin[0])
+    assert np.array_equal(m.geom_margin, new.model.geom_margin * envs.LEGACY_MARGIN_SCALE)
 
 
-@pytest.mark.parametrize("name", ["halfcheetah-medium-v2", "pen-human-v1", "kitchen-partial-v0"])
+# What D4RL's own environments return: gym.make(NAME) with d4rl 1.1 (TimeLimit > NormalizedBoxEnv > gym's
+# mujoco-py env) on gym 0.23.1 + mujoco-py 2.1.2.14 + the MuJoCo 2.1.0 binaries (numpy 2.4.6, Python 3.11),
+# the stack scripts/legacy_d4rl_setup.sh builds. Printed verbatim by `python scripts/legacy_reference.py steps`:
+# from the state (qpos, qvel), the observation after the last action and every step's reward. The "free" cases
+# never touch the floor or a joint limit and hold actions outside [-1, 1] (D4RL clips them); the "contact"
+# cases land on the floor. The comment on each line counts the MuJoCo steps that had a contact.
+MUJOCO_PY_STEPS = {
+    'halfcheetah-medium-v2/free': dict(  # 0 of 25 MuJoCo steps in contact
+        qpos=[0.0, 1.0, 0.1, 0.2, -0.3, 0.2, 0.3, -0.4, 0.1], qvel=[1.0, 0.5, -0.5, 2.0, -1.5, 1.0, -2.0, 1.5, -1.0],
+        actions=[[0.5, -1.5, 0.25, 1.25, -0.75, 0.0], [-1.0, 0.8, 2.0, -0.3, 0.6, -1.2], [0.9, 0.1, -0.6, -2.5, 1.0, 0.4], [-0.2, -0.9, 0.7, 0.3, -1.1, 1.5], [1.3, 0.45, -0.35, 0.6, -0.05, -0.8]],
+        obs=[0.7784323423345973, 0.009425866965518472, 0.3490252653021414, -0.07983934983970635, 0.005236647154227551, 0.2679740088558674, -0.6466319509431072, 0.21233319961816874, 1.8326416231772953, -2.689982530109771, -2.539498491197294, 3.8440578567413564, 11.170099139568347, -4.817199100038662, 10.910733349926474, 2.3511664419890597, -12.228009840919421],
+        rewards=[0.9633448513409986, -0.3517483036076689, 0.2606709390890814, 1.0585835900509117, 1.5552460734342337]),
+    'hopper-medium-v2/free': dict(  # 0 of 20 MuJoCo steps in contact
+        qpos=[0.0, 1.75, 0.05, -0.6, -0.8, 0.1], qvel=[0.5, 0.3, -0.4, -1.0, -1.0, 1.0],
+        actions=[[0.5, -1.5, 0.25], [1.2, 0.8, -0.6], [-0.9, 0.1, 2.0], [0.3, -1.1, 0.7], [-0.4, 0.65, -0.95]],
+        obs=[1.75454256804219, 0.062128002535976355, -0.5934733199261857, -0.8701695659113143, 0.1639539474113431, 0.47036700237485446, -0.10048955341198955, 0.06788925182881275, -0.21534906518002253, -1.5810277674052369, 1.528561727521355],
+        rewards=[1.4369004485215708, 1.5062951404066336, 1.5917350670294246, 1.468617773054114, 1.4302568277884768]),
+    'walker2d-medium-v2/free': dict(  # 0 of 20 MuJoCo steps in contact
+        qpos=[0.0, 1.75, 0.05, -0.6, -0.8, 0.1, -0.4, -1.0, -0.2], qvel=[0.5, 0.3, -0.4, -1.0, -1.0, 1.0, -1.5, 0.5, -0.5],
+        actions=[[1.5, -0.2, 0.05, 0.1, -0.1, 0.0], [-0.2, 0.1, 0.1, -1.25, 0.15, -0.05], [0.15, 0.05, -0.1, 0.2, 0.2, 0.05], [-2.0, -0.1, 0.05, 0.05, -0.2, 0.1], [0.2, 0.05, -0.05, 0.1, -0.05, -0.1]],
+        obs=[1.7546614205863664, 0.05350317603628157, -0.5876156869367041, -0.8982315242626899, 0.15444868172589454, -0.45000578067533914, -0.9615006771492545, -0.1881080610403297, 0.31100321364744815, -0.18729043523207, -2.6028405908310233, -3.7184156533289774, -0.5957091391146021, 0.9399088171307489, -4.831959338924938, 1.9666476482896413, -0.015381686664368177],
+        rewards=[1.6757398692567576, 1.6366611623564105, 1.5233969678199262, 1.4030534224745446, 1.2501144119696805]),
+    'halfcheetah-medium-v2/contact': dict(  # 36 of 60 MuJoCo steps in contact
+        qpos=[0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0], qvel=[0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+        actions=[[-0.5, 0.125, -0.375, 0.25, -0.25, 0.375], [-0.125, 0.5, 0.0, -0.5, 0.125, -0.375], [0.25, -0.25, 0.375, -0.125, 0.5, 0.0], [-0.5, 0.125, -0.375, 0.25, -0.25, 0.375], [-0.125, 0.5, 0.0, -0.5, 0.125, -0.375], [0.25, -0.25, 0.375, -0.125, 0.5, 0.0], [-0.5, 0.125, -0.375, 0.25, -0.25, 0.375], [-0.125, 0.5, 0.0, -0.5, 0.125, -0.375], [0.25, -0.25, 0.375, -0.125, 0.5, 0.0], [-0.5, 0.125, -0.375, 0.25, -0.25, 0.375], [-0.125, 0.5, 0.0, -0.5, 0.125, -0.375], [0.25, -0.25, 0.375, -0.125, 0.5, 0.0]],
+        obs=[-0.09217167577329792, 0.02773295261451056, -0.0043336743571587115, -0.020022294028515197, 0.07863699175238158, -0.13296264415226652, 0.12203465195174168, -0.13754758766247333, 0.24431548468800465, 0.710746730496858, 0.5515612457479272, 2.949497102343208, -3.09477341380141, -2.1207181387731007, -1.621868142652667, 3.373853494075865, -1.8270082236455558],
+        rewards=[-0.200096481590251, -0.3384460753668146, 0.1653946597646995, 0.10219863391051394, -0.3771731580769235, -0.12335585747092262, -0.0248822442157155, -0.3441751115377638, -0.02556276550183474, 0.09629032602076636, -0.2508245417501255, -0.03191712708974999]),
+    'hopper-medium-v2/contact': dict(  # 32 of 48 MuJoCo steps in contact
+        qpos=[0.0, 1.22, 0.0, 0.0, 0.0, 0.0], qvel=[0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+        actions=[[-0.5, 0.125, -0.375], [-0.125, 0.5, 0.0], [0.25, -0.25, 0.375], [-0.5, 0.125, -0.375], [-0.125, 0.5, 0.0], [0.25, -0.25, 0.375], [-0.5, 0.125, -0.375], [-0.125, 0.5, 0.0], [0.25, -0.25, 0.375], [-0.5, 0.125, -0.375], [-0.125, 0.5, 0.0], [0.25, -0.25, 0.375]],
+        obs=[1.203115585979338, -0.12090507742289282, -0.13141649157357502, -0.0010537826514320026, 0.011343216491614185, -0.2753964116867875, -0.04897320392360191, -2.012185130407624, -1.9887934714865882, -0.35930815781705916, 0.8118815084533479],
+        rewards=[0.9770526506659879, 0.9485389687535203, 0.942454323812815, 0.9266270732209773, 0.9267530512934057, 0.9120065325645521, 0.8272861074944879, 0.7510646983645828, 0.7383196881886364, 0.7172915551844772, 0.6937112427985274, 0.7173242026164749]),
+    'walker2d-medium-v2/contact': dict(  # 38 of 48 MuJoCo steps in contact
+        qpos=[0.0, 1.22, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0], qvel=[0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+        actions=[[-0.25, 0.0625, -0.1875, 0.125, -0.125, 0.1875], [-0.0625, 0.25, 0.0, -0.25, 0.0625, -0.1875], [0.125, -0.125, 0.1875, -0.0625, 0.25, 0.0], [-0.25, 0.0625, -0.1875, 0.125, -0.125, 0.1875], [-0.0625, 0.25, 0.0, -0.25, 0.0625, -0.1875], [0.125, -0.125, 0.1875, -0.0625, 0.25, 0.0], [-0.25, 0.0625, -0.1875, 0.125, -0.125, 0.1875], [-0.0625, 0.25, 0.0, -0.25, 0.0625, -0.1875], [0.125, -0.125, 0.1875, -0.0625, 0.25, 0.0], [-0.25, 0.0625, -0.1875, 0.125, -0.125, 0.1875], [-0.0625, 0.25, 0.0, -0.25, 0.0625, -0.1875], [0.125, -0.125, 0.1875, -0.0625, 0.25, 0.0]],
+        obs=[1.1913110062396415, -0.4199181800430349, -0.47605223547588216, 0.006967262728911426, 0.08652338371678973, -0.46978480626037455, 0.004136920095036948, 0.04342472045417617, -0.7282465450644786, -0.562364852190004, -7.919214507708182, -8.464299006767495, -0.6008902906380647, 2.1336888512856738, -8.849408155753109, 0.25665357389522797, 0.6283733031607971],
+        rewards=[0.9458678896863971, 0.828593733161538, 0.79612712991068, 0.7751949440862533, 0.697177124928797, 0.6362243868549435, 0.5605077675973321, 0.42015299900067493, 0.3709220409962259, 0.33878323971408286, 0.3039315827505643, 0.2721879943587217]),
+}
+
+
+@pytest.mark.parametrize("key", list(MUJOCO_PY_STEPS))
+def test_envs_legacy_dynamics_matches_mujoco_py(key):
+    """legacy_dynamics=True reproduces D4RL's simulator to round-off; today's MuJoCo 3 dynamics do not."""
+    ref = MUJOCO_PY_STEPS[key]
+    gap = {}
+    for legacy in (True, False):
+        env = data.make_env(key.split("/")[0], legacy_dynamics=legacy)
+        env.reset(seed=0)
+        env.unwrapped.set_state(np.array(ref["qpos"]), np.array(ref["qvel"]))
+        rewards = []
+        for a in ref["actions"]:
+            obs, r, terminated, truncated, _ = env.step(np.array(a))
+            assert not truncated and (not terminated or not legacy)
+            rewards.append(r)
+        gap[legacy] = max(np.abs(obs - ref["obs"]).max(), np.abs(np.subtract(rewards, ref["rewards"])).max())
+    print(f"{key}: max |obs or reward diff| to mujoco-py: legacy dynamics {gap[True]:.1e}, today's {gap[False]:.1e}")
+    assert gap[True] < 1e-9
+    assert gap[False] > 1e-4  # far above round-off: the table is what closes the gap
+
+
+@pytest.mark.parametrize("name", ["pen-human-v1", "kitchen-partial-v0"])
 def test_envs_legacy_dynamics_rejects_other_envs(name):
     with pytest.raises(ValueError, match="legacy_dynamics") as err:
         data.make_env(name, legacy_dynamics=True)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("name", LOCO_V2)
+def test_envs_locomotion_clips_actions_like_d4rl(name):
+    """D4RL's NormalizedBoxEnv clips actions to [-1, 1]; gymnasium's env passes them on (MuJoCo clamps the
+    control, but the control cost sees the raw action). Ours clips: a and clip(a) give the same step."""
+    info = data.DATASETS[name]
+    a = 2.5 * np.linspace(-1.0, 1.0, info.act_dim)  # (A,) entries outside [-1, 1]
+    steps = []
+    for env, action in ((data.make_env(name), a), (data.make_env(name), np.clip(a, -1, 1)),
+                        (envs._make(info, None), a)):  # the last: gymnasium's env without our wrappers
+        env.reset(seed=0)
+        obs, reward, *_ = env.step(action)
+        steps.append((obs, reward))
+    (obs, r), (obs_clip, r_clip), (obs_raw, r_raw) = steps
+    print(f"{name}: reward {r:.4f}, with clipped action {r_clip:.4f}, unwrapped gymnasium {r_raw:.4f}")
+    assert np.array_equal(obs, obs_clip) and r == r_clip
+    assert np.array_equal(obs, obs_raw) and r_raw < r - 1e-3  # same dynamics, a larger control cost
 
 
 def test_envs_dims_mismatch_is_an_error():
