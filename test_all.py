@@ -1082,7 +1082,7 @@ def test_envs_legacy_dynamics(name, heavier):
     assert np.abs(new.model.body_inertia - m.body_inertia).max() > 1e-3  # the patch changed something
     # contact margins: every geom has the same one (the premise of halving), and legacy halves it
     assert np.all(new.model.geom_margin == new.model.geom_margin[0])
-    assert np.array_equal(m.geom_margin, new.model.geom_margin * envs.LEGACY_MARGIN_SCALE)
+    assert np.array_equal(m.geom_margin, new.model.geom_margin / 2)
 
 
 # What D4RL's own environments return: gym.make(NAME) with d4rl 1.1 (TimeLimit > NormalizedBoxEnv > gym's
@@ -1306,6 +1306,58 @@ def test_cli_config_precedence():
     assert (cfg.horizon, cfg.refine_steps, cfg.guidance, cfg.lr) == (16, 2, 1.3, 1e-4)
     quick = train.resolve_config({"env": "halfcheetah-medium-sb3"})
     assert quick.target_return == 0 and quick.steps < 100_000  # CPU-sized; the target is read off the data
+
+
+def test_cli_config_legacy_dynamics_resolves_per_dataset(tmp_path):
+    """On for D4RL's own locomotion names (their data came from mujoco-py on MuJoCo 2.x), off for every other
+    name, the bundled stand-ins (collected on MuJoCo 3) included, with or without --dataset; a flag wins."""
+    for name, info in data.DATASETS.items():
+        want = info.source == "d4rl" and info.family == "locomotion"
+        assert train.resolve_config({"env": name}).legacy_dynamics is want, name
+        assert train.resolve_config({"env": name, "dataset": str(tmp_path / "x.hdf5")}).legacy_dynamics is want, name
+    parse = lambda *argv: train.resolve_config(vars(train.build_parser().parse_args(list(argv))))  # noqa: E731
+    assert parse("--env", "walker2d-medium-v2").legacy_dynamics is True
+    assert parse("--env", "walker2d-medium-v2", "--no-legacy-dynamics").legacy_dynamics is False
+    assert parse("--env", "halfcheetah-medium-sb3", "--legacy-dynamics").legacy_dynamics is True
+    # a flag the environment cannot honour fails at start-up, before the run directory exists
+    out = tmp_path / "run"
+    with pytest.raises(train.UsageError, match="legacy-dynamics covers") as err:
+        train.train({"env": "pen-human-v1", "legacy_dynamics": True, "out": str(out)})
+    assert "\n" not in str(err.value) and not out.exists()
+
+
+def test_cli_legacy_dynamics_kept_by_resume_and_plan(tiny_run, tmp_path, monkeypatch):
+    """The resolved value is saved in the config: a resume keeps it unless a flag is given, and plan.py
+    evaluates in it unless --[no-]legacy-dynamics is given."""
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run["out"], out)
+    ckpt_path = out / "checkpoint.pt"
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    assert ckpt["config"]["legacy_dynamics"] is False  # halfcheetah-medium-sb3 resolves to today's dynamics
+    ckpt["config"]["legacy_dynamics"] = True  # as if the run had started with --legacy-dynamics
+    torch.save(ckpt, ckpt_path)
+    common = ["--env", "halfcheetah-medium-sb3", "--dataset", tiny_run["file"], "--log-every", "4",
+              "--eval-episodes", "0", "--out", out, "--resume", "--threads", "1"]
+    run_script("train.py", *common, "--steps", "13")
+    assert train.load_checkpoint(ckpt_path)["config"]["legacy_dynamics"] is True  # kept, not re-resolved
+
+    made = []
+
+    class Made(Exception):
+        pass
+
+    def fake_make_env(name, seed=None, **kwargs):  # records what evaluate asks for, then stops it
+        made.append(kwargs.get("legacy_dynamics"))
+        raise Made
+
+    monkeypatch.setattr(data, "make_env", fake_make_env)
+    for flags, want in (([], True), (["--no-legacy-dynamics"], False)):
+        with pytest.raises(Made):
+            plan.main(["--checkpoint", str(ckpt_path), "--episodes", "1", "--threads", "1", *flags])
+        assert made[-1] is want, flags
+    monkeypatch.undo()
+    run_script("train.py", *common, "--steps", "14", "--no-legacy-dynamics")
+    assert train.load_checkpoint(ckpt_path)["config"]["legacy_dynamics"] is False  # an explicit flag wins
 
 
 def test_cli_every_dataset_has_one_table_row():
