@@ -28,10 +28,13 @@ import numpy as np
 
 ENVS = ["halfcheetah-medium-v2", "hopper-medium-v2", "walker2d-medium-v2"]  # D4RL names; any quality, same env
 
-# Reference cases, "ENV/free" and "ENV/contact".
+# Reference cases, "ENV/free", "ENV/limit" and "ENV/contact" (record_steps checks each description):
 # free: the root lifted clear of the floor (halfcheetah rootz +1.0 m; hopper/walker rootz 1.75, 0.5 m above the
 # XML pose), joint angles well inside their ranges, velocities of every sign, five actions with some entries
-# outside [-1, 1]. No contact and no joint limit is active at any MuJoCo step (record_steps checks).
+# outside [-1, 1]. No contact and no joint limit is active at any MuJoCo step: the model alone.
+# limit: lifted the same way, at rest, every joint just past one end of its range, inside the limit's soft zone
+# (solimp width: halfcheetah 0.01 of 0.03 rad, pushed by half torque; hopper/walker 0.0005 of 0.001 rad, no
+# torque): joint-limit constraints and no contact, so these pin the constraint solver (envs.py).
 # contact: the XML pose (hopper/walker lowered 3 cm, feet 1 cm above the floor) at rest, twelve actions; the
 # feet land within the first steps, so these pin contact handling too (Hopper's contact margin, envs.py).
 STEPS = {
@@ -53,6 +56,15 @@ STEPS = {
                  [0.15, 0.05, -0.1, 0.2, 0.2, 0.05], [-2.0, -0.1, 0.05, 0.05, -0.2, 0.1],
                  [0.2, 0.05, -0.05, 0.1, -0.05, -0.1]]),
 }
+STEPS.update({  # ranges: halfcheetah bthigh .. 1.05, bshin .. .785, bfoot -.4 .., fthigh -1 .., fshin .. .87,
+    # ffoot .. .5 (rad); hopper/walker thigh and leg -150 .. 0 degrees, foot -45 .. 45 degrees (0.785 rad)
+    "halfcheetah-medium-v2/limit": dict(qpos=[0.0, 1.0, 0.0, 1.06, 0.795, -0.41, -1.01, 0.88, 0.51], qvel=[0.0] * 9,
+                                        actions=[[0.5, 0.5, -0.5, -0.5, 0.5, 0.5]] * 8),
+    "hopper-medium-v2/limit": dict(qpos=[0.0, 1.75, 0.0, 0.0005, 0.0005, 0.7859], qvel=[0.0] * 6,
+                                   actions=[[0.0] * 3] * 8),
+    "walker2d-medium-v2/limit": dict(qpos=[0.0, 1.75, 0.0, 0.0005, 0.0005, 0.7859, 0.0005, 0.0005, -0.7859],
+                                     qvel=[0.0] * 9, actions=[[0.0] * 6] * 8),
+})
 for _name, _qpos, _A, _div in (("halfcheetah-medium-v2", [0.0] * 9, 6, 8),
                                ("hopper-medium-v2", [0.0, 1.22, 0.0, 0.0, 0.0, 0.0], 3, 8),
                                ("walker2d-medium-v2", [0.0, 1.22] + [0.0] * 7, 6, 16)):  # walker: gentler, see above
@@ -95,24 +107,23 @@ def print_table():
 
 
 def run_steps(key, check=False):
-    """STEPS[key] through D4RL's env: (observation after the last step, reward of each step, MuJoCo steps in
-    contact).
+    """STEPS[key] through D4RL's env: (observation after the last step, reward of each step, (MuJoCo steps
+    with a contact, MuJoCo steps with another constraint, i.e. a joint limit)).
 
     check=True replaces gym's do_simulation (set ctrl, then sim.step() frame_skip times) by the same loop that
-    also counts, after every MuJoCo step, the steps with a contact and asserts that no joint limit is active
-    in the free cases."""
+    also counts, after every MuJoCo step, the steps with a contact and the steps with a joint limit."""
     case = STEPS[key]
     env, inner = legacy_env(key.split("/")[0])
     env.reset()
-    contacts = 0
+    counts = [0, 0]
     if check:
         def do_simulation(ctrl, n_frames):
-            nonlocal contacts
             inner.sim.data.ctrl[:] = ctrl
             for _ in range(n_frames):
                 inner.sim.step()
-                contacts += inner.sim.data.ncon > 0
-                assert key.endswith("/contact") or inner.sim.data.nefc == 0, f"{key}: a contact or limit is active"
+                d = inner.sim.data
+                counts[0] += d.ncon > 0
+                counts[1] += d.nefc > 4 * d.ncon  # a contact makes at most 4 rows here (condim 3, pyramidal)
         inner.do_simulation = do_simulation
     inner.set_state(np.array(case["qpos"]), np.array(case["qvel"]))
     rewards = []
@@ -120,18 +131,23 @@ def run_steps(key, check=False):
         obs, r, done, _ = env.step(np.array(a))
         assert not done, f"{key}: the episode ended"
         rewards.append(float(r))
-    return list(map(float, obs)), rewards, contacts
+    return list(map(float, obs)), rewards, tuple(counts)
 
 
 def record_steps():
     """Each case's inputs, observation after the last step and rewards, printed as Python literals."""
     for key, case in STEPS.items():
         obs, rewards, _ = run_steps(key)
-        obs_, rewards_, contacts = run_steps(key, check=True)
-        assert (obs, rewards) == (obs_, rewards_)  # the checking loop is gym's own
-        assert (contacts > 0) == key.endswith("/contact"), f"{key}: {contacts} MuJoCo steps in contact"
-        print(f"{key!r}: dict(  # {contacts} of {5 * len(rewards) if 'cheetah' in key else 4 * len(rewards)} "
-              f"MuJoCo steps in contact\n    qpos={case['qpos']!r}, qvel={case['qvel']!r},\n"
+        obs_, rewards_, (contacts, limits) = run_steps(key, check=True)
+        # the checking loop is gym's own; mujoco-py itself varies by ~1e-16 from run to run once a joint
+        # limit is active (MuJoCo 2.1.0's solver), hence allclose
+        assert np.allclose(obs + rewards, obs_ + rewards_, rtol=0, atol=1e-13)
+        kind = key.split("/")[1]
+        assert (contacts > 0) == (kind == "contact") and (kind != "free" or limits == 0) and \
+            (kind != "limit" or limits > 0), f"{key}: {contacts} steps in contact, {limits} at a limit"
+        n = len(rewards) * (5 if key.startswith("halfcheetah") else 4)  # frame_skip
+        print(f"{key!r}: dict(  # MuJoCo steps with a contact {contacts} / with a joint limit {limits} / all {n}\n"
+              f"    qpos={case['qpos']!r}, qvel={case['qvel']!r},\n"
               f"    actions={case['actions']!r},\n    obs={obs!r},\n    rewards={rewards!r}),")
 
 
@@ -140,12 +156,13 @@ OPT_FIELDS = ["timestep", "gravity", "wind", "magnetic", "density", "viscosity",
 
 
 def episode_inputs(name, inner, files, rng):
-    """{source: (qpos, qvel, actions)}: a pseudo-random episode, and the first episode of each data file
-    (D4RL layout, with infos/qpos and infos/qvel) recorded on this environment."""
+    """{source: (qpos, qvel, actions)}: pseudo-random and zero actions from a slightly noisy XML pose, and
+    the first episode of each data file (D4RL layout, with infos/qpos and infos/qvel) of this environment."""
     nq, nv, A = inner.model.nq, inner.model.nv, inner.action_space.shape[0]
-    inputs = {"random": (inner.init_qpos + rng.uniform(-0.005, 0.005, nq),  # gym's hopper/walker reset noise
-                         inner.init_qvel + rng.uniform(-0.005, 0.005, nv),
-                         rng.uniform(-1.0, 1.0, (EPISODE_STEPS, A)))}
+    noise = (inner.init_qpos + rng.uniform(-0.005, 0.005, nq),  # gym's hopper/walker reset noise scale
+             inner.init_qvel + rng.uniform(-0.005, 0.005, nv))
+    inputs = {"random": (*noise, rng.uniform(-1.0, 1.0, (EPISODE_STEPS, A))),  # uniform actions in [-1, 1]
+              "zero": (*noise, np.zeros((EPISODE_STEPS, A)))}  # no torque: the body settles or collapses
     import h5py
 
     for f in files:
@@ -214,33 +231,44 @@ def compare(path):
                     differ.append(f"{f} {d:.1e}")
             print(f"{name} {'legacy' if legacy else 'today'}: model fields that differ from mujoco-py's "
                   f"(beyond 1e-12 relative): {', '.join(differ) or 'none'}")
-    print()
+    print("(hopper's geom_margin differs on purpose: legacy dynamics halve it, see envs.LEGACY_MARGIN_SCALE)\n")
     sources = sorted({k.split("/")[2] for k in ref.files if k.split("/")[1] == "episode"})  # NAME/episode/SOURCE/x
     for name in ENVS:
         for source in sources:
             k = f"{name}/episode/{source}"
             if f"{k}/obs" not in ref.files:
                 continue
-            ref_obs, ref_rew = ref[f"{k}/obs"], ref[f"{k}/rewards"]
-            contact = int(np.argmax(ref[f"{k}/ncon"] > 0)) + 1  # steps before this one are contact-free
-            for legacy in (False, True):
-                env = data.make_env(name, legacy_dynamics=legacy)
-                env.reset(seed=0)
-                env.unwrapped.set_state(ref[f"{k}/qpos"], ref[f"{k}/qvel"])
-                obs, rewards = [env.unwrapped._get_obs()], []
-                for a in ref[f"{k}/actions"]:
-                    o, r, terminated, truncated, _ = env.step(a)
-                    obs.append(o)
-                    rewards.append(r)
-                    if terminated or truncated:
-                        break
-                n = min(len(obs), len(ref_obs))
-                diff = np.abs(np.array(obs[:n]) - ref_obs[:n]).max(axis=1)  # (n,) max |obs diff| per step
-                R, R_ref = float(np.sum(rewards)), float(np.sum(ref_rew))
-                print(f"{name} {source:24s} {'legacy' if legacy else 'today ':6s} steps {len(rewards):4d} (mujoco-py "
-                      f"{len(ref_rew):4d}) | max |obs diff|: step 1 {diff[1]:.1e}, steps 1-{contact - 1} "
-                      f"(before contact) {diff[:contact].max():.1e}, episode {diff.max():.3g} | return "
-                      f"{R:8.1f} vs {R_ref:8.1f}: {R - R_ref:+7.1f} ({100 * (R - R_ref) / abs(R_ref):+.1f}%)")
+            ep = (ref[f"{k}/qpos"].astype(float), ref[f"{k}/qvel"].astype(float), ref[f"{k}/actions"])
+            legacy = rollout(data, name, True, *ep)
+            kicked = ep[0].copy()
+            kicked[2] += 1e-12  # the root's pitch, 1e-12 rad: how far round-off alone carries this episode
+            rows = {"today's dynamics": (rollout(data, name, False, *ep), (ref[f"{k}/obs"], ref[f"{k}/rewards"])),
+                    "legacy dynamics": (legacy, (ref[f"{k}/obs"], ref[f"{k}/rewards"])),
+                    "floor: legacy, pitch + 1e-12 rad, vs legacy": (rollout(data, name, True, kicked, *ep[1:]), legacy)}
+            contact = int(np.argmax(ref[f"{k}/ncon"] > 0)) + 1
+            print(f"{name} {source} (mujoco-py: {len(ref[f'{k}/rewards'])} steps, first contact at step {contact})")
+            for label, ((obs, rew), (obs_ref, rew_ref)) in rows.items():
+                n = min(len(obs), len(obs_ref))
+                diff = np.abs(obs[:n] - obs_ref[:n]).max(axis=1)  # (n,) max |obs diff| after each step
+                together = int(np.argmax(diff > 1e-6)) if (diff > 1e-6).any() else n  # steps within 1e-6
+                R, R_ref = float(rew.sum()), float(rew_ref.sum())
+                print(f"    {label:44s} {len(rew):4d} steps; |obs diff| < 1e-6 for {together:4d} steps, max "
+                      f"{diff.max():8.2e}; return {R:8.1f} vs {R_ref:8.1f} ({R - R_ref:+7.1f})")
+
+
+def rollout(data, name, legacy, qpos, qvel, actions):
+    """(obs (T+1, S), rewards (T,)) of this project's environment from (qpos, qvel) under fixed actions."""
+    env = data.make_env(name, legacy_dynamics=legacy)
+    env.reset(seed=0)
+    env.unwrapped.set_state(qpos, qvel)
+    obs, rewards = [env.unwrapped._get_obs()], []
+    for a in actions:
+        o, r, terminated, truncated, _ = env.step(a)
+        obs.append(o)
+        rewards.append(r)
+        if terminated or truncated:
+            break
+    return np.array(obs), np.array(rewards)
 
 
 if __name__ == "__main__":
