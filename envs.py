@@ -4,9 +4,10 @@ D4RL's own environments need mujoco-py and old gym, which no longer install on a
 datasets are evaluated on gymnasium + MuJoCo 3 + gymnasium-robotics, with wrappers where they differ:
   - locomotion: gymnasium HalfCheetah-v4 / Hopper-v4 / Walker2d-v4 (the XML and observations of D4RL's
     v3; v5 changes the healthy reward and Walker's foot friction), with actions clipped to [-1, 1] as
-    D4RL's NormalizedBoxEnv does. `legacy_dynamics=True` puts back the body masses, inertias and inertial
-    frames that mujoco-py (MuJoCo 2.x) compiled, the simulator that collected D4RL's files
-    (LEGACY_BODY_INERTIA); train.py turns it on for D4RL's own locomotion names;
+    D4RL's NormalizedBoxEnv does. `legacy_dynamics=True` makes MuJoCo 3 simulate them as mujoco-py on
+    MuJoCo 2.1 did, the simulator that collected D4RL's files: its body masses, inertias and inertial frames
+    (LEGACY_BODY_INERTIA), contact margin and converged constraint solve; train.py turns it on for D4RL's
+    own locomotion names;
   - Adroit: gymnasium-robotics AdroitHand{Pen,Hammer,Door,Relocate}-v1 with D4RL's reward (hand-to-object
     sign, D4RL hand_manipulation_suite/*_v0.py) and D4RL's pen episode (100 steps, ends on a drop);
   - Kitchen: FrankaKitchen-v1 with the D4RL task list of each dataset, observation flattened to its 59-d
@@ -67,8 +68,10 @@ KITCHEN_TASKS = {
 #     also carries mujoco-py's body_ipos and body_iquat (they differ by 3e-3 m and 1.4e-4).
 # With these rows every numeric field of the compiled models equals mujoco-py's (`scripts/legacy_reference.py
 # compare` lists the ones that differ: none beyond 1e-12 relative).
-# DEVIATION (dynamics): with legacy_dynamics=False the bodies have MuJoCo 3's exact capsule inertias, which
-# D4RL's data never saw; True is the faithful setting for D4RL's files and the default for their names.
+# DEVIATION (simulator): D4RL's files are evaluated on MuJoCo 3, not on the mujoco-py they were collected with.
+# legacy_dynamics=True (the default for their names) reproduces mujoco-py to round-off (README, Supported
+# datasets); legacy_dynamics=False keeps MuJoCo 3's exact capsule inertias, margins and solver, which D4RL's data
+# never saw, and is right for data collected on MuJoCo 3 (the bundled -sb3 files).
 # Each row: body: (mass, (Ixx, Iyy, Izz)) or (mass, (Ixx, Iyy, Izz), (ipos x, y, z), (iquat w, x, y, z)).
 LEGACY_BODY_INERTIA = {
     "HalfCheetah-v4": {
@@ -101,17 +104,18 @@ LEGACY_BODY_INERTIA = {
 
 
 # Contact margin: a contact between two geoms gets the larger of their margins in MuJoCo 2.1 and their sum in
-# MuJoCo 3 (measured: Hopper's foot on the floor, both geoms margin 0.001, has contact.includemargin 0.001 in
-# mujoco-py and 0.002 in MuJoCo 3, so the contact engages earlier and pushes harder). In each of these XMLs every
-# geom has the same margin m (Hopper 0.001, HalfCheetah and Walker2d 0; the test checks), so giving every geom
-# m / 2 makes each sum equal the old maximum. With it, Hopper's episodes match mujoco-py through contact to 2e-14.
+# MuJoCo 3. Measured on Hopper's foot and floor: margins 0.001 and 0.001 give contact.includemargin 0.001 in
+# mujoco-py and 0.002 in MuJoCo 3 (margins 0.003 and 0.001: 0.003 and 0.004), so there the contact engages
+# earlier and pushes harder. In each of these XMLs every geom has the same margin m (Hopper 0.001, HalfCheetah and
+# Walker2d 0; the test checks), so giving every geom m / 2 makes each sum equal the old maximum. With it,
+# Hopper's episodes match mujoco-py through contact to 1e-13.
 LEGACY_MARGIN_SCALE = 0.5
 
 # Constraint solver: at the same tolerance (1e-8, the XMLs' default) MuJoCo 3's Newton solver stops at another
-# point than MuJoCo 2.1's did (the warm start and the stopping test changed between the versions), which
-# leaves ~1e-6 differences in the velocities at every step where a joint limit or a contact is active. mujoco-py's
-# results are the converged solution: solved to 1e-15 instead, MuJoCo 3 reproduces them to 1e-13 over whole
-# episodes with contacts and limits (scripts/legacy_reference.py compare), at no measurable cost per step.
+# point than MuJoCo 2.1's, which leaves ~1e-6 differences in the velocities at every step where a joint limit or
+# a contact is active. mujoco-py's results are the converged solution: solved to 1e-15 (or to 0) instead, MuJoCo 3
+# reproduces them to 1e-13 over whole episodes with contacts and limits (scripts/legacy_reference.py compare).
+# Newton converges in a few iterations, so this costs no measurable time per step.
 LEGACY_SOLVER_TOLERANCE = 1e-15
 
 

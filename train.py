@@ -76,9 +76,9 @@ class Config:
     eval_episodes: int = _f(10, "evaluation episodes at the end (official 10); 0 skips evaluation")
     eval_seed: int = _f(100, "first evaluation episode's env seed (episodes use eval_seed + i)")
     batch_envs: int = _f(10, "environments planned together in one batched call during evaluation")
-    legacy_dynamics: bool = _f(False, "evaluate with mujoco-py's body masses, inertias and contact margins (envs.py), "
-                                      "the simulator D4RL's locomotion data came from; on for D4RL's *-v2 "
-                                      "locomotion names in the per-env table, --no-legacy-dynamics opts out")
+    legacy_dynamics: bool = _f(False, "evaluate in the dynamics of mujoco-py on MuJoCo 2.1 (envs.py), the simulator "
+                                      "D4RL's locomotion data came from; the per-env table turns it on for D4RL's "
+                                      "*-v2 locomotion names, --no-legacy-dynamics opts out")
     amp: bool = _f(False, "bf16 autocast for the training forward passes (CUDA only)")
     cuda_graph: bool = _f(False, "capture the whole training step as one CUDA graph and replay it (CUDA, 1 process)")
     # --- data ---

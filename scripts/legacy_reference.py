@@ -1,25 +1,28 @@
 """Reference numbers from D4RL's own simulator, and the gap that remains on MuJoCo 3.
 
-D4RL's locomotion files were collected in gym's mujoco-py environments on MuJoCo 2.x. This script runs
-those environments through D4RL's own code (d4rl 1.1, gym 0.23.1, mujoco-py 2.1.2.14 on the MuJoCo 2.1.0
-binaries) and prints what test_all.py pins, then replays the same inputs on this project's environments.
-It has three modes, the first two run in the legacy stack, the last in the project's environment:
+D4RL's locomotion files were collected in gym's mujoco-py environments on MuJoCo 2.x. This script runs those
+environments through D4RL's own code (d4rl 1.1, gym 0.23.1, mujoco-py 2.1.2.14 on the MuJoCo 2.1.0 binaries) and
+prints what envs.py and test_all.py hold, then replays the same inputs on this project's environments. The first
+three modes run in the legacy stack, the last in the project's environment:
 
-    bash scripts/legacy_d4rl_setup.sh /tmp/legacy && source /tmp/legacy/env.sh
-    python scripts/legacy_reference.py table              # mujoco-py's compiled body masses, inertias, frames
-    python scripts/legacy_reference.py steps              # contact-free reference steps (test_all.py)
-    python scripts/legacy_reference.py episodes OUT.npz   # one whole episode per environment
+    bash scripts/legacy_d4rl_setup.sh /tmp/legacy && source /tmp/legacy/env.sh   # about 90 s
+    python scripts/legacy_reference.py table              # compiled body masses, inertias, frames (envs.py)
+    python scripts/legacy_reference.py steps              # the reference cases of test_all.py
+    python scripts/legacy_reference.py episodes OUT.npz --data datasets/halfcheetah-medium-sb3.hdf5 [more.hdf5]
     deactivate
     python scripts/legacy_reference.py compare OUT.npz    # replay OUT.npz on MuJoCo 3, today's and legacy dynamics
 
-`steps` starts each environment from a fixed state lifted clear of the floor and applies fixed actions, some
-outside [-1, 1] (D4RL's NormalizedBoxEnv clips them; the reward's control cost sees the clipped action).
-Nothing touches the floor or a joint limit, so the numbers measure the model (masses, inertias, integrator)
-and the step's bookkeeping, not contact handling. `episodes` runs 1000 steps (or until the episode ends)
-from a fixed initial state with a fixed pseudo-random action sequence; `compare` reports how far MuJoCo 3
-drifts from it. The pseudo-random numbers are drawn once here and saved, so both sides replay the same ones.
+`steps` runs the STEPS cases below (in the air, at joint limits, landing on the floor) from fixed states with
+fixed actions and prints inputs and outputs as Python literals. `episodes` runs whole episodes (1000 steps or
+until the episode ends) from fixed states with fixed action sequences: uniform random actions and zero actions
+from the XML pose plus gym's reset noise, drawn once here with numpy's Generator(EPISODE_SEED) and saved so that
+both sides replay the same numbers, and the first episode of each --data file; it also saves every numeric
+field of mujoco-py's compiled models. `compare` lists the model fields that differ and, per episode, how long
+and how closely MuJoCo 3 follows mujoco-py, next to the floor that round-off alone sets (the same simulator,
+started 1e-12 rad apart).
 """
 import argparse
+import pprint
 import sys
 import warnings
 from pathlib import Path
@@ -146,9 +149,12 @@ def record_steps():
         assert (contacts > 0) == (kind == "contact") and (kind != "free" or limits == 0) and \
             (kind != "limit" or limits > 0), f"{key}: {contacts} steps in contact, {limits} at a limit"
         n = len(rewards) * (5 if key.startswith("halfcheetah") else 4)  # frame_skip
-        print(f"{key!r}: dict(  # MuJoCo steps with a contact {contacts} / with a joint limit {limits} / all {n}\n"
-              f"    qpos={case['qpos']!r}, qvel={case['qvel']!r},\n"
-              f"    actions={case['actions']!r},\n    obs={obs!r},\n    rewards={rewards!r}),")
+        print(f"{key!r}: dict(  # MuJoCo steps with a contact {contacts} / with a joint limit {limits} / all {n}")
+        for field, value in (("qpos", case["qpos"]), ("qvel", case["qvel"]), ("actions", case["actions"]),
+                             ("obs", obs), ("rewards", rewards)):  # reprs (full precision), wrapped at 112 columns
+            text = pprint.pformat(value, width=112 - len(field) - 5, compact=True)
+            print(f"    {field}=" + text.replace("\n", "\n" + " " * (len(field) + 5)) + ",")
+        print("),")
 
 
 OPT_FIELDS = ["timestep", "gravity", "wind", "magnetic", "density", "viscosity", "impratio", "tolerance",
