@@ -3,8 +3,11 @@
 D4RL's own environments need mujoco-py and old gym, which no longer install on a current stack, so the
 datasets are evaluated on gymnasium + MuJoCo 3 + gymnasium-robotics, with wrappers where they differ:
   - locomotion: gymnasium HalfCheetah-v4 / Hopper-v4 / Walker2d-v4 (the XML and observations of D4RL's
-    v3; v5 changes the healthy reward and Walker's foot friction). `legacy_dynamics=True` puts back the
-    body masses and inertias that mujoco-py computed for Hopper and Walker2d (see LEGACY_BODY_INERTIA);
+    v3; v5 changes the healthy reward and Walker's foot friction), with actions clipped to [-1, 1] as
+    D4RL's NormalizedBoxEnv does. `legacy_dynamics=True` makes MuJoCo 3 simulate them as mujoco-py on
+    MuJoCo 2.1 did, the simulator that collected D4RL's files: its body masses, inertias and inertial frames
+    (LEGACY_BODY_INERTIA), contact margin and converged constraint solve; train.py turns it on for D4RL's
+    own locomotion names;
   - Adroit: gymnasium-robotics AdroitHand{Pen,Hammer,Door,Relocate}-v1 with D4RL's reward (hand-to-object
     sign, D4RL hand_manipulation_suite/*_v0.py) and D4RL's pen episode (100 steps, ends on a drop);
   - Kitchen: FrankaKitchen-v1 with the D4RL task list of each dataset, observation flattened to its 59-d
@@ -46,40 +49,75 @@ KITCHEN_TASKS = {
     "mixed": ["microwave", "kettle", "bottom burner", "light switch"],
 }
 
-# Body masses (kg) and principal inertias (kg m^2, in the body's inertial frame) that mujoco-py (MuJoCo
-# 1.5 to 2.1.1) compiled for the D4RL locomotion XMLs, which consist of capsules of density 1000.
-# How they were obtained: MuJoCo's 2.1.2 changelog says that until then "capsule masses and inertias
-# computed by the compiler's inertiafromgeom mechanism were approximated by a cylinder, formed by the
-# capsule's cylindrical middle section, extended on both ends by half the capsule radius". So each capsule
-# (radius r, half-length l) was the solid cylinder of radius r and height h = 2l + r:
+# Body masses (kg), principal inertias (kg m^2, in the body's inertial frame) and, where they moved, the
+# inertial frames (body_ipos, body_iquat) that mujoco-py 2.1.2.14 on MuJoCo 2.1.0, the simulator of D4RL's
+# locomotion files, compiled for the gym XMLs, which are built from capsules of density 1000.
+# Why they differ: MuJoCo's 2.1.2 changelog says that until then "capsule masses and inertias computed by the
+# compiler's inertiafromgeom mechanism were approximated by a cylinder, formed by the capsule's cylindrical
+# middle section, extended on both ends by half the capsule radius". So each capsule (radius r, half-length l)
+# weighed as the solid cylinder of radius r and height h = 2l + r:
 #   m = 1000 * pi * r^2 * h,   I_axis = m r^2 / 2,   I_across = m (3 r^2 + h^2) / 12.
-# The numbers below are MuJoCo 3's own compile of the XML with every capsule replaced by that cylinder
-# (the test redoes it). The Hopper masses 3.53429174, 3.92699082, 2.71433605, 5.0893801 are the ones
-# mujoco-py reports for gym's Hopper. Each body holds one geom centred on its inertial frame, so body_ipos
-# and body_iquat do not change. Totals: Hopper 15.265 kg (MuJoCo >= 2.1.2: 15.820, 3.6% heavier), Walker2d
-# 22.698 kg (23.677, 4.3% heavier). HalfCheetah's capsules changed too (the same rule gives mujoco-py's
-# HalfCheetah masses 6.36031332, 1.53524804, ...), but this table does not cover it: its settotalmass="14"
-# keeps the total, its two-geom torso also moves body_ipos/body_iquat, and the bundled halfcheetah data
-# were collected on MuJoCo 3.
-# DEVIATION (dynamics): without legacy_dynamics, Hopper and Walker2d run with MuJoCo 3's exact capsule
-# inertias, which D4RL's data never saw; legacy_dynamics=True is the faithful setting for D4RL's files.
+# mujoco-py 2.1.2.14 still loads the MuJoCo 2.1.0 binaries, so it weighs capsules that way.
+# Where the numbers come from: `python scripts/legacy_reference.py table` printed them from mujoco-py's own
+# compiled model (reprs, full precision); the test redoes them independently with MuJoCo 3's compile of the
+# XML with every capsule replaced by that cylinder, and the two agree to the last bit (iquat to 7e-16).
+#   - Hopper, Walker2d: each body holds one geom centred on its inertial frame, so only mass and inertia
+#     change. Totals: Hopper 15.265 kg (MuJoCo 3: 15.820, 3.6% heavier), Walker2d 22.698 kg (23.677, 4.3%).
+#   - HalfCheetah: settotalmass="14" rescales the masses to the same 14 kg total, but shares it out
+#     differently (torso 6.360 here, 6.250 in MuJoCo 3). Its torso body holds two capsules (torso and head)
+#     whose combined centre of mass and principal axes move with their relative weights, so the torso row
+#     also carries mujoco-py's body_ipos and body_iquat (they differ by 3e-3 m and 1.4e-4).
+# With these rows every numeric field of the compiled models equals mujoco-py's (`scripts/legacy_reference.py
+# compare` lists the ones that differ: none beyond 1e-12 relative).
+# DEVIATION (simulator): D4RL's files are evaluated on MuJoCo 3, not on the mujoco-py they were collected with.
+# legacy_dynamics=True (the default for their names) reproduces mujoco-py to round-off (README, Supported
+# datasets); legacy_dynamics=False keeps MuJoCo 3's exact capsule inertias, margins and solver, which D4RL's data
+# never saw, and is right for data collected on MuJoCo 3 (the bundled -sb3 files).
+# Each row: body: (mass, (Ixx, Iyy, Izz)) or (mass, (Ixx, Iyy, Izz), (ipos x, y, z), (iquat w, x, y, z)).
 LEGACY_BODY_INERTIA = {
+    "HalfCheetah-v4": {
+        "torso": (6.360313315926893, (0.8944536067044809, 0.8835650219991468, 0.017617796193584532),
+                  (0.14913793103448275, 0.0, 0.02485632183908046),
+                  (0.5223010558765101, 0.47665669724685783, 0.47665669724685783, 0.5223010558765101)),
+        "bthigh": (1.5352480417754566, (0.015255759791122711, 0.015255759791122711, 0.0016242924281984331)),
+        "bshin": (1.5809399477806787, (0.016608301131418618, 0.016608301131418618, 0.0016726344647519582)),
+        "bfoot": (1.069190600522193, (0.005444318537859005, 0.005444318537859005, 0.00113120365535248)),
+        "fthigh": (1.425587467362924, (0.012318501305483029, 0.012318501305483029, 0.0015082715404699737)),
+        "fshin": (1.1788511749347257, (0.007162699738903394, 0.007162699738903394, 0.00124722454308094)),
+        "ffoot": (0.8498694516971277, (0.0028997545691905996, 0.0028997545691905996, 0.0008991618798955611)),
+    },
     "Hopper-v4": {
-        "torso": (3.534291735288517, (0.06185010536754901, 0.06185010536754901, 0.00441786466911065)),
-        "thigh": (3.9269908169872427, (0.0842666779478513, 0.0842666779478513, 0.00490873852123405)),
-        "leg": (2.7143360527015816, (0.06704410050172908, 0.06704410050172908, 0.00217146884216127)),
-        "foot": (5.0893800988154645, (0.0904637312564449, 0.0904637312564449, 0.00916088417786783)),
+        "torso": (3.534291735288517, (0.061850105367549015, 0.061850105367549015, 0.004417864669110647)),
+        "thigh": (3.9269908169872427, (0.0842666779478513, 0.0842666779478513, 0.004908738521234054)),
+        "leg": (2.7143360527015816, (0.06704410050172908, 0.06704410050172908, 0.0021714688421612654)),
+        "foot": (5.0893800988154645, (0.0904637312564449, 0.0904637312564449, 0.009160884177867834)),
     },
     "Walker2d-v4": {
-        "torso": (3.534291735288517, (0.06185010536754901, 0.06185010536754901, 0.00441786466911065)),
-        "thigh": (3.9269908169872427, (0.0842666779478513, 0.0842666779478513, 0.00490873852123405)),
-        "leg": (2.7143360527015816, (0.06704410050172908, 0.06704410050172908, 0.00217146884216127)),
-        "foot": (2.9405307237600464, (0.0192114673952323, 0.0192114673952323, 0.00529295530276808)),
-        "thigh_left": (3.9269908169872427, (0.0842666779478513, 0.0842666779478513, 0.00490873852123405)),
-        "leg_left": (2.7143360527015816, (0.06704410050172908, 0.06704410050172908, 0.00217146884216127)),
-        "foot_left": (2.9405307237600464, (0.0192114673952323, 0.0192114673952323, 0.00529295530276808)),
+        "torso": (3.534291735288517, (0.061850105367549015, 0.061850105367549015, 0.004417864669110647)),
+        "thigh": (3.9269908169872427, (0.0842666779478513, 0.0842666779478513, 0.004908738521234054)),
+        "leg": (2.7143360527015816, (0.06704410050172908, 0.06704410050172908, 0.0021714688421612654)),
+        "foot": (2.9405307237600464, (0.019211467395232305, 0.019211467395232305, 0.005292955302768083)),
+        "thigh_left": (3.9269908169872427, (0.0842666779478513, 0.0842666779478513, 0.004908738521234054)),
+        "leg_left": (2.7143360527015816, (0.06704410050172908, 0.06704410050172908, 0.0021714688421612654)),
+        "foot_left": (2.9405307237600464, (0.019211467395232305, 0.019211467395232305, 0.005292955302768083)),
     },
 }
+
+
+# Contact margin: a contact between two geoms gets the larger of their margins in MuJoCo 2.1 and their sum in
+# MuJoCo 3. Measured on Hopper's foot and floor: margins 0.001 and 0.001 give contact.includemargin 0.001 in
+# mujoco-py and 0.002 in MuJoCo 3 (margins 0.003 and 0.001: 0.003 and 0.004), so there the contact engages
+# earlier and pushes harder. In each of these XMLs every geom has the same margin m (Hopper 0.001, HalfCheetah and
+# Walker2d 0; the test checks), so giving every geom m / 2 makes each sum equal the old maximum. With it,
+# Hopper's episodes match mujoco-py through contact to 1e-13.
+LEGACY_MARGIN_SCALE = 0.5
+
+# Constraint solver: at the same tolerance (1e-8, the XMLs' default) MuJoCo 3's Newton solver stops at another
+# point than MuJoCo 2.1's, which leaves ~1e-6 differences in the velocities at every step where a joint limit or
+# a contact is active. mujoco-py's results are the converged solution: solved to 1e-15 (or to 0) instead, MuJoCo 3
+# reproduces them to 1e-13 over whole episodes with contacts and limits (scripts/legacy_reference.py compare).
+# Newton converges in a few iterations, so this costs no measurable time per step.
+LEGACY_SOLVER_TOLERANCE = 1e-15
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -92,6 +130,7 @@ def make_env(info, seed=None, legacy_dynamics=False, render_mode=None):
         env = _make(info, render_mode)
         if legacy_dynamics:
             set_legacy_dynamics(env.unwrapped.model, env.unwrapped.data, info.env_id)
+        env = ClipAction(env)
     elif info.family == "adroit":
         import gymnasium_robotics
 
@@ -165,6 +204,19 @@ class SeedFirstReset(gym.Wrapper):
             seed = self._pending_seed
         self._pending_seed = None
         return self.env.reset(seed=seed, options=options)
+
+
+class ClipAction(gym.ActionWrapper):
+    """Clip each action to the action space before the env sees it, as D4RL's locomotion envs do.
+
+    D4RL wraps gym's mujoco-py env in NormalizedBoxEnv (d4rl/utils/wrappers.py), whose step() maps [-1, 1]
+    to the env's bounds (the identity here: every actuator's ctrlrange is [-1, 1]) and clips. gymnasium's
+    MuJoCo envs do not: MuJoCo clamps the control to ctrlrange, so the dynamics agree, but the reward's
+    control cost is computed from the unclipped action. The action space is left as it is.
+    """
+
+    def action(self, action):
+        return np.clip(action, self.action_space.low, self.action_space.high)
 
 
 class D4RLAdroit(gym.Wrapper):
@@ -245,17 +297,23 @@ class KitchenObservation(gym.Wrapper):
 # ----------------------------------------------------------------------------- legacy dynamics
 
 def set_legacy_dynamics(model, data, env_id):
-    """Write LEGACY_BODY_INERTIA[env_id] into a compiled MjModel and recompute what depends on it.
+    """Write LEGACY_BODY_INERTIA[env_id], LEGACY_MARGIN_SCALE and LEGACY_SOLVER_TOLERANCE into a compiled
+    MjModel, then recompute what depends on them.
 
-    mj_setConst redoes the compile-time quantities derived from the masses (subtree masses, dof_M0,
-    dof/body inverse weights, actuator_acc0), so the model equals one compiled with the old inertias.
+    mj_setConst redoes the compile-time quantities derived from the masses and inertial frames (subtree
+    masses, dof_M0, dof/body inverse weights, actuator_acc0, the tracking cameras' reference), so the model
+    equals one compiled with the old inertias.
     """
     import mujoco
 
-    for body, (mass, inertia) in LEGACY_BODY_INERTIA[env_id].items():
+    for body, (mass, inertia, *frame) in LEGACY_BODY_INERTIA[env_id].items():
         b = mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_BODY, body)
         if b < 0:
             raise ValueError(f"{env_id} has no body {body!r}; its XML is not the one LEGACY_BODY_INERTIA was made for")
         model.body_mass[b] = mass
         model.body_inertia[b] = inertia
+        if frame:  # the inertial frame moved too (HalfCheetah's two-capsule torso)
+            model.body_ipos[b], model.body_iquat[b] = frame
+    model.geom_margin[:] *= LEGACY_MARGIN_SCALE  # MuJoCo 2.1's max(m, m) = m as MuJoCo 3's m/2 + m/2
+    model.opt.tolerance = LEGACY_SOLVER_TOLERANCE
     mujoco.mj_setConst(model, data)

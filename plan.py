@@ -210,9 +210,9 @@ def evaluate(planner: Planner, env_name: str, episodes: int, seed: int = 100, ba
                dynamic_ncols=True, unit="step")
     for start in range(0, episodes, batch_envs):
         n = min(batch_envs, episodes - start)
-        kw = {"legacy_dynamics": True} if planner.cfg.legacy_dynamics else {}
         ep_seeds = [seed + start + i if seeds is None else seeds[start + i] for i in range(n)]
-        envs = [D.make_env(env_name, seed=sd, **kw) for sd in ep_seeds]
+        # the simulator the checkpoint's config resolved (legacy dynamics for D4RL's locomotion names)
+        envs = [D.make_env(env_name, seed=sd, legacy_dynamics=planner.cfg.legacy_dynamics) for sd in ep_seeds]
         obs = np.stack([e.reset(seed=sd)[0] for e, sd in zip(envs, ep_seeds)])
         planner.set_bounds(envs[0].action_space.low, envs[0].action_space.high)
         planner.reset(n)
@@ -240,6 +240,7 @@ def evaluate(planner: Planner, env_name: str, episodes: int, seed: int = 100, ba
     return {"env": env_name, "planner": planner.planner, "episodes": episodes, "k": planner.k,
             "guidance": planner.w, "candidates": planner.N, "refine_noise": planner.cfg.refine_noise,
             "causal": planner.cfg.causal, "target_return": planner.target,
+            "legacy_dynamics": planner.cfg.legacy_dynamics,
             "return_mean": float(np.mean(returns)), "return_std": float(np.std(returns)),
             "normalized_score_mean": float(np.mean(scores)) if scored else None,
             "normalized_score_std": float(np.std(scores)) if scored else None,
@@ -595,7 +596,7 @@ def render_video(planner: Planner, env_name: str, path: str, seed: int, max_step
     except ImportError:
         raise T.UsageError("--video needs imageio: pip install imageio (and imageio-ffmpeg for .mp4)") from None
     import data as D
-    env = D.make_env(env_name, seed=seed, render_mode="rgb_array")
+    env = D.make_env(env_name, seed=seed, render_mode="rgb_array", legacy_dynamics=planner.cfg.legacy_dynamics)
     obs, _ = env.reset(seed=seed)
     renderer, model = getattr(env.unwrapped, "mujoco_renderer", None), getattr(env.unwrapped, "model", None)
     if renderer is not None and model is not None:  # follow the body with the model's tracking camera, if any
@@ -641,6 +642,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the denoiser's return condition, in units of the data's best; default: the checkpoint's")
     p.add_argument("--refine-noise", default=None, action=argparse.BooleanOptionalAction,
                    help="--no-refine-noise: the official variant, the plan taken as x_k with no noise added")
+    p.add_argument("--legacy-dynamics", default=None, action=argparse.BooleanOptionalAction,
+                   help="evaluate in mujoco-py's dynamics (envs.py); default: the checkpoint's config")
     p.add_argument("--json", default=None, help="write the result (or benchmark rows) as JSON here")
     p.add_argument("--benchmark", action="store_true", help="time every planner side by side")
     p.add_argument("--decisions", type=int, default=20, help="benchmark: timed decisions per row")
@@ -700,6 +703,8 @@ def run(args) -> None:
                                           cond_target=args.cond_target)
         if args.refine_noise is not None:
             planner.cfg.refine_noise = args.refine_noise
+        if args.legacy_dynamics is not None:
+            planner.cfg.legacy_dynamics = args.legacy_dynamics
         if args.compile:
             planner.enable_compile()
         if args.cuda_graph:

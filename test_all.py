@@ -1107,26 +1107,36 @@ def test_envs_pen_terminates_on_drop():
 
 # ----------------------------------------------------------------------------- legacy dynamics
 
+LOCO_V2 = ["halfcheetah-medium-v2", "hopper-medium-v2", "walker2d-medium-v2"]
+
+
 def _old_capsule_model(xml_path):
     """Compile the XML with every capsule as MuJoCo < 2.1.2 weighed it: a cylinder of half-height l + r/2."""
     spec = mujoco.MjSpec.from_file(xml_path)
     for g in spec.geoms:
         if g.type == mujoco.mjtGeom.mjGEOM_CAPSULE:
-            assert np.isnan(g.fromto[0]), "fromto capsules would need their length from fromto"
             g.type = mujoco.mjtGeom.mjGEOM_CYLINDER
-            g.size[1] += g.size[0] / 2
+            if np.isnan(g.fromto[0]):
+                g.size[1] += g.size[0] / 2
+            else:  # HalfCheetah's torso: a fromto capsule, lengthened by r/2 at each end
+                a, b = np.array(g.fromto[:3]), np.array(g.fromto[3:])
+                u = (b - a) / np.linalg.norm(b - a) * g.size[0] / 2
+                g.fromto[:3], g.fromto[3:] = a - u, b + u
     return spec.compile()
 
 
-@pytest.mark.parametrize("name,heavier", [("hopper-medium-v2", 0.036), ("walker2d-medium-v2", 0.043)])
+@pytest.mark.parametrize("name,heavier", [("halfcheetah-medium-v2", 0.0), ("hopper-medium-v2", 0.036),
+                                          ("walker2d-medium-v2", 0.043)])
 def test_envs_legacy_dynamics(name, heavier):
     new = data.make_env(name).unwrapped
     env = data.make_env(name, legacy_dynamics=True)
     m = env.unwrapped.model
     table = envs.LEGACY_BODY_INERTIA[data.DATASETS[name].env_id]
-    for body, (mass, inertia) in table.items():
+    for body, (mass, inertia, *frame) in table.items():
         b = _id("body", m, body)
         assert m.body_mass[b] == mass and np.array_equal(m.body_inertia[b], inertia)
+        if frame:
+            assert np.array_equal(m.body_ipos[b], frame[0]) and np.array_equal(m.body_iquat[b], frame[1])
     ratio = new.model.body_mass.sum() / m.body_mass.sum() - 1
     print(f"{name}: MuJoCo 3 bodies are {100 * ratio:.2f}% heavier than the legacy ones")
     assert abs(ratio - heavier) < 1e-3
@@ -1148,13 +1158,185 @@ def test_envs_legacy_dynamics(name, heavier):
     print(f"{name}: max |patched - cylinder-compiled| model fields {worst:.2e}, qM {worst_qm:.2e}")
     assert worst < 1e-12 and worst_qm < 1e-12
     assert np.abs(new.model.body_inertia - m.body_inertia).max() > 1e-3  # the patch changed something
+    # contact margins: every geom has the same one (the premise of halving), and legacy halves it
+    assert np.all(new.model.geom_margin == new.model.geom_margin[0])
+    assert np.array_equal(m.geom_margin, new.model.geom_margin / 2)
 
 
-@pytest.mark.parametrize("name", ["halfcheetah-medium-v2", "pen-human-v1", "kitchen-partial-v0"])
+# What D4RL's own environments return: gym.make(NAME) with d4rl 1.1 (TimeLimit > NormalizedBoxEnv > gym's
+# mujoco-py env) on gym 0.23.1 + mujoco-py 2.1.2.14 + the MuJoCo 2.1.0 binaries (numpy 2.4.6, Python 3.11),
+# the stack scripts/legacy_d4rl_setup.sh builds. Printed verbatim by `python scripts/legacy_reference.py steps`:
+# from the state (qpos, qvel), the observation after the last action and every step's reward. The "free" cases
+# never touch the floor or a joint limit and hold actions outside [-1, 1] (D4RL clips them); the "limit" cases
+# push joints past their range in the air; the "contact" cases land on the floor. The comment on each case
+# counts the MuJoCo steps (frame_skip per env step) that had a contact or an active joint limit.
+MUJOCO_PY_STEPS = {
+    'halfcheetah-medium-v2/free': dict(  # MuJoCo steps with a contact 0 / with a joint limit 0 / all 25
+        qpos=[0.0, 1.0, 0.1, 0.2, -0.3, 0.2, 0.3, -0.4, 0.1],
+        qvel=[1.0, 0.5, -0.5, 2.0, -1.5, 1.0, -2.0, 1.5, -1.0],
+        actions=[[0.5, -1.5, 0.25, 1.25, -0.75, 0.0], [-1.0, 0.8, 2.0, -0.3, 0.6, -1.2],
+                 [0.9, 0.1, -0.6, -2.5, 1.0, 0.4], [-0.2, -0.9, 0.7, 0.3, -1.1, 1.5],
+                 [1.3, 0.45, -0.35, 0.6, -0.05, -0.8]],
+        obs=[0.7784323423345973, 0.009425866965518472, 0.3490252653021414, -0.07983934983970635,
+             0.005236647154227551, 0.2679740088558674, -0.6466319509431072, 0.21233319961816874, 1.8326416231772953,
+             -2.689982530109771, -2.539498491197294, 3.8440578567413564, 11.170099139568347, -4.817199100038662,
+             10.910733349926474, 2.3511664419890597, -12.228009840919421],
+        rewards=[0.9633448513409986, -0.3517483036076689, 0.2606709390890814, 1.0585835900509117,
+                 1.5552460734342337],
+    ),
+    'hopper-medium-v2/free': dict(  # MuJoCo steps with a contact 0 / with a joint limit 0 / all 20
+        qpos=[0.0, 1.75, 0.05, -0.6, -0.8, 0.1],
+        qvel=[0.5, 0.3, -0.4, -1.0, -1.0, 1.0],
+        actions=[[0.5, -1.5, 0.25], [1.2, 0.8, -0.6], [-0.9, 0.1, 2.0], [0.3, -1.1, 0.7], [-0.4, 0.65, -0.95]],
+        obs=[1.75454256804219, 0.062128002535976355, -0.5934733199261857, -0.8701695659113143, 0.1639539474113431,
+             0.47036700237485446, -0.10048955341198955, 0.06788925182881275, -0.21534906518002253,
+             -1.5810277674052369, 1.528561727521355],
+        rewards=[1.4369004485215708, 1.5062951404066336, 1.5917350670294246, 1.468617773054114, 1.4302568277884768],
+    ),
+    'walker2d-medium-v2/free': dict(  # MuJoCo steps with a contact 0 / with a joint limit 0 / all 20
+        qpos=[0.0, 1.75, 0.05, -0.6, -0.8, 0.1, -0.4, -1.0, -0.2],
+        qvel=[0.5, 0.3, -0.4, -1.0, -1.0, 1.0, -1.5, 0.5, -0.5],
+        actions=[[1.5, -0.2, 0.05, 0.1, -0.1, 0.0], [-0.2, 0.1, 0.1, -1.25, 0.15, -0.05],
+                 [0.15, 0.05, -0.1, 0.2, 0.2, 0.05], [-2.0, -0.1, 0.05, 0.05, -0.2, 0.1],
+                 [0.2, 0.05, -0.05, 0.1, -0.05, -0.1]],
+        obs=[1.7546614205863664, 0.05350317603628157, -0.5876156869367041, -0.8982315242626899, 0.15444868172589454,
+             -0.45000578067533914, -0.9615006771492545, -0.1881080610403297, 0.31100321364744815, -0.18729043523207,
+             -2.6028405908310233, -3.7184156533289774, -0.5957091391146021, 0.9399088171307489, -4.831959338924938,
+             1.9666476482896413, -0.015381686664368177],
+        rewards=[1.6757398692567576, 1.6366611623564105, 1.5233969678199262, 1.4030534224745446, 1.2501144119696805],
+    ),
+    'halfcheetah-medium-v2/limit': dict(  # MuJoCo steps with a contact 0 / with a joint limit 1 / all 40
+        qpos=[0.0, 1.0, 0.0, 1.06, 0.795, -0.41, -1.01, 0.88, 0.51],
+        qvel=[0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+        actions=[[0.5, 0.5, -0.5, -0.5, 0.5, 0.5], [0.5, 0.5, -0.5, -0.5, 0.5, 0.5],
+                 [0.5, 0.5, -0.5, -0.5, 0.5, 0.5], [0.5, 0.5, -0.5, -0.5, 0.5, 0.5],
+                 [0.5, 0.5, -0.5, -0.5, 0.5, 0.5], [0.5, 0.5, -0.5, -0.5, 0.5, 0.5],
+                 [0.5, 0.5, -0.5, -0.5, 0.5, 0.5], [0.5, 0.5, -0.5, -0.5, 0.5, 0.5]],
+        obs=[0.22227109665506234, 0.047176770866409604, 0.2662918882440451, 0.258037953581162, -0.2513069591492548,
+             -0.4449561335830299, 0.168402363802371, 0.16245189433240326, -0.036997539757120945,
+             -3.9655063447052057, -0.20703037538005437, -0.5057166546621866, -0.2632656671025234,
+             -0.32530446106131283, 0.893699349549283, 0.6527678603435849, -0.3255848939404238],
+        rewards=[0.06976348341189081, -0.1179877519842232, -0.18238423645672786, -0.026106769574472347,
+                 -0.13103424370208258, -0.3683823588135473, -0.39579092902484436, -0.2497190797033194],
+    ),
+    'hopper-medium-v2/limit': dict(  # MuJoCo steps with a contact 0 / with a joint limit 31 / all 32
+        qpos=[0.0, 1.75, 0.0, 0.0005, 0.0005, 0.7859],
+        qvel=[0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+        actions=[[0.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0],
+                 [0.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]],
+        obs=[1.729922597423052, -0.0006519845190655959, -9.689287786416234e-06, -1.0343568414494342e-05,
+             0.785388083583314, -0.0012930238184931306, -0.6276145402203953, -0.010948548625385543,
+             -0.00855127964629681, -0.008584229770415602, -0.008581924753451984],
+        rewards=[0.9994496887289903, 0.9988311245951237, 0.9986686702911861, 0.998669222803953, 0.9986777058410804,
+                 0.9986861349452644, 0.9986945104578172, 0.9987028327179117],
+    ),
+    'walker2d-medium-v2/limit': dict(  # MuJoCo steps with a contact 0 / with a joint limit 32 / all 32
+        qpos=[0.0, 1.75, 0.0, 0.0005, 0.0005, 0.7859, 0.0005, 0.0005, -0.7859],
+        qvel=[0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+        actions=[[0.0, 0.0, 0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+                 [0.0, 0.0, 0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+                 [0.0, 0.0, 0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0, 0.0, 0.0]],
+        obs=[1.7299154977156164, -0.0006553118883201097, -1.1009767379869354e-05, -1.0555383464379594e-05,
+             0.7853972511924107, 3.292966467556333e-06, -3.839710311429204e-07, -0.7853872733231492,
+             -0.0016752650344829135, -0.627730365711682, -0.01100730798958166, -0.008466210192541082,
+             -0.008774226834427756, -0.008196195534669687, -0.008287165781942895, -0.008441527050047595,
+             0.008062206630132173],
+        rewards=[0.999314839941496, 0.9985220347000487, 0.9982907574602023, 0.9982831651481913, 0.9982925298809149,
+                 0.9983018208776447, 0.9983110390979846, 0.9983201854845344],
+    ),
+    'halfcheetah-medium-v2/contact': dict(  # MuJoCo steps with a contact 36 / with a joint limit 0 / all 60
+        qpos=[0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+        qvel=[0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+        actions=[[-0.5, 0.125, -0.375, 0.25, -0.25, 0.375], [-0.125, 0.5, 0.0, -0.5, 0.125, -0.375],
+                 [0.25, -0.25, 0.375, -0.125, 0.5, 0.0], [-0.5, 0.125, -0.375, 0.25, -0.25, 0.375],
+                 [-0.125, 0.5, 0.0, -0.5, 0.125, -0.375], [0.25, -0.25, 0.375, -0.125, 0.5, 0.0],
+                 [-0.5, 0.125, -0.375, 0.25, -0.25, 0.375], [-0.125, 0.5, 0.0, -0.5, 0.125, -0.375],
+                 [0.25, -0.25, 0.375, -0.125, 0.5, 0.0], [-0.5, 0.125, -0.375, 0.25, -0.25, 0.375],
+                 [-0.125, 0.5, 0.0, -0.5, 0.125, -0.375], [0.25, -0.25, 0.375, -0.125, 0.5, 0.0]],
+        obs=[-0.09217167577329792, 0.02773295261451056, -0.0043336743571587115, -0.020022294028515197,
+             0.07863699175238158, -0.13296264415226652, 0.12203465195174168, -0.13754758766247333,
+             0.24431548468800465, 0.710746730496858, 0.5515612457479272, 2.949497102343208, -3.09477341380141,
+             -2.1207181387731007, -1.621868142652667, 3.373853494075865, -1.8270082236455558],
+        rewards=[-0.200096481590251, -0.3384460753668146, 0.1653946597646995, 0.10219863391051394,
+                 -0.3771731580769235, -0.12335585747092262, -0.0248822442157155, -0.3441751115377638,
+                 -0.02556276550183474, 0.09629032602076636, -0.2508245417501255, -0.03191712708974999],
+    ),
+    'hopper-medium-v2/contact': dict(  # MuJoCo steps with a contact 32 / with a joint limit 33 / all 48
+        qpos=[0.0, 1.22, 0.0, 0.0, 0.0, 0.0],
+        qvel=[0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+        actions=[[-0.5, 0.125, -0.375], [-0.125, 0.5, 0.0], [0.25, -0.25, 0.375], [-0.5, 0.125, -0.375],
+                 [-0.125, 0.5, 0.0], [0.25, -0.25, 0.375], [-0.5, 0.125, -0.375], [-0.125, 0.5, 0.0],
+                 [0.25, -0.25, 0.375], [-0.5, 0.125, -0.375], [-0.125, 0.5, 0.0], [0.25, -0.25, 0.375]],
+        obs=[1.203115585979338, -0.12090507742289282, -0.13141649157357502, -0.0010537826514320026,
+             0.011343216491614185, -0.2753964116867875, -0.04897320392360191, -2.012185130407624,
+             -1.9887934714865882, -0.35930815781705916, 0.8118815084533479],
+        rewards=[0.9770526506659879, 0.9485389687535203, 0.942454323812815, 0.9266270732209773, 0.9267530512934057,
+                 0.9120065325645521, 0.8272861074944879, 0.7510646983645828, 0.7383196881886364, 0.7172915551844772,
+                 0.6937112427985274, 0.7173242026164749],
+    ),
+    'walker2d-medium-v2/contact': dict(  # MuJoCo steps with a contact 38 / with a joint limit 45 / all 48
+        qpos=[0.0, 1.22, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+        qvel=[0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+        actions=[[-0.25, 0.0625, -0.1875, 0.125, -0.125, 0.1875], [-0.0625, 0.25, 0.0, -0.25, 0.0625, -0.1875],
+                 [0.125, -0.125, 0.1875, -0.0625, 0.25, 0.0], [-0.25, 0.0625, -0.1875, 0.125, -0.125, 0.1875],
+                 [-0.0625, 0.25, 0.0, -0.25, 0.0625, -0.1875], [0.125, -0.125, 0.1875, -0.0625, 0.25, 0.0],
+                 [-0.25, 0.0625, -0.1875, 0.125, -0.125, 0.1875], [-0.0625, 0.25, 0.0, -0.25, 0.0625, -0.1875],
+                 [0.125, -0.125, 0.1875, -0.0625, 0.25, 0.0], [-0.25, 0.0625, -0.1875, 0.125, -0.125, 0.1875],
+                 [-0.0625, 0.25, 0.0, -0.25, 0.0625, -0.1875], [0.125, -0.125, 0.1875, -0.0625, 0.25, 0.0]],
+        obs=[1.1913110062396415, -0.4199181800430349, -0.47605223547588216, 0.006967262728911426,
+             0.08652338371678973, -0.46978480626037455, 0.004136920095036948, 0.04342472045417617,
+             -0.7282465450644786, -0.562364852190004, -7.919214507708182, -8.464299006767495, -0.6008902906380647,
+             2.1336888512856738, -8.849408155753109, 0.25665357389522797, 0.6283733031607971],
+        rewards=[0.9458678896863971, 0.828593733161538, 0.79612712991068, 0.7751949440862533, 0.697177124928797,
+                 0.6362243868549435, 0.5605077675973321, 0.42015299900067493, 0.3709220409962259,
+                 0.33878323971408286, 0.3039315827505643, 0.2721879943587217],
+    ),
+}
+
+
+@pytest.mark.parametrize("key", list(MUJOCO_PY_STEPS))
+def test_envs_legacy_dynamics_matches_mujoco_py(key):
+    """legacy_dynamics=True reproduces D4RL's simulator to round-off; today's MuJoCo 3 dynamics do not."""
+    ref = MUJOCO_PY_STEPS[key]
+    gap = {}
+    for legacy in (True, False):
+        env = data.make_env(key.split("/")[0], legacy_dynamics=legacy)
+        env.reset(seed=0)
+        env.unwrapped.set_state(np.array(ref["qpos"]), np.array(ref["qvel"]))
+        rewards = []
+        for a in ref["actions"]:
+            obs, r, terminated, truncated, _ = env.step(np.array(a))
+            assert not truncated and (not terminated or not legacy)
+            rewards.append(r)
+        gap[legacy] = max(np.abs(obs - ref["obs"]).max(), np.abs(np.subtract(rewards, ref["rewards"])).max())
+    print(f"{key}: max |obs or reward diff| to mujoco-py: legacy dynamics {gap[True]:.1e}, today's {gap[False]:.1e}")
+    assert gap[True] < 1e-9
+    assert gap[False] > 1e-6  # three orders above the bound: legacy dynamics are what close the gap
+
+
+@pytest.mark.parametrize("name", ["pen-human-v1", "kitchen-partial-v0"])
 def test_envs_legacy_dynamics_rejects_other_envs(name):
     with pytest.raises(ValueError, match="legacy_dynamics") as err:
         data.make_env(name, legacy_dynamics=True)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("name", LOCO_V2)
+def test_envs_locomotion_clips_actions_like_d4rl(name):
+    """D4RL's NormalizedBoxEnv clips actions to [-1, 1]; gymnasium's env passes them on (MuJoCo clamps the
+    control, but the control cost sees the raw action). Ours clips: a and clip(a) give the same step."""
+    info = data.DATASETS[name]
+    a = 2.5 * np.linspace(-1.0, 1.0, info.act_dim)  # (A,) entries outside [-1, 1]
+    steps = []
+    for env, action in ((data.make_env(name), a), (data.make_env(name), np.clip(a, -1, 1)),
+                        (envs._make(info, None), a)):  # the last: gymnasium's env without our wrappers
+        env.reset(seed=0)
+        obs, reward, *_ = env.step(action)
+        steps.append((obs, reward))
+    (obs, r), (obs_clip, r_clip), (obs_raw, r_raw) = steps
+    print(f"{name}: reward {r:.4f}, with clipped action {r_clip:.4f}, unwrapped gymnasium {r_raw:.4f}")
+    assert np.array_equal(obs, obs_clip) and r == r_clip
+    assert np.array_equal(obs, obs_raw) and r_raw < r - 1e-3  # same dynamics, a larger control cost
 
 
 def test_envs_dims_mismatch_is_an_error():
@@ -1293,6 +1475,58 @@ def test_cli_config_precedence():
     assert (cfg.horizon, cfg.refine_steps, cfg.guidance, cfg.lr) == (16, 2, 1.3, 1e-4)
     quick = train.resolve_config({"env": "halfcheetah-medium-sb3"})
     assert quick.target_return == 0 and quick.steps < 100_000  # CPU-sized; the target is read off the data
+
+
+def test_cli_config_legacy_dynamics_resolves_per_dataset(tmp_path):
+    """On for D4RL's own locomotion names (their data came from mujoco-py on MuJoCo 2.x), off for every other
+    name, the bundled stand-ins (collected on MuJoCo 3) included, with or without --dataset; a flag wins."""
+    for name, info in data.DATASETS.items():
+        want = info.source == "d4rl" and info.family == "locomotion"
+        assert train.resolve_config({"env": name}).legacy_dynamics is want, name
+        assert train.resolve_config({"env": name, "dataset": str(tmp_path / "x.hdf5")}).legacy_dynamics is want, name
+    parse = lambda *argv: train.resolve_config(vars(train.build_parser().parse_args(list(argv))))  # noqa: E731
+    assert parse("--env", "walker2d-medium-v2").legacy_dynamics is True
+    assert parse("--env", "walker2d-medium-v2", "--no-legacy-dynamics").legacy_dynamics is False
+    assert parse("--env", "halfcheetah-medium-sb3", "--legacy-dynamics").legacy_dynamics is True
+    # a flag the environment cannot honour fails at start-up, before the run directory exists
+    out = tmp_path / "run"
+    with pytest.raises(train.UsageError, match="legacy-dynamics covers") as err:
+        train.train({"env": "pen-human-v1", "legacy_dynamics": True, "out": str(out)})
+    assert "\n" not in str(err.value) and not out.exists()
+
+
+def test_cli_legacy_dynamics_kept_by_resume_and_plan(tiny_run, tmp_path, monkeypatch):
+    """The resolved value is saved in the config: a resume keeps it unless a flag is given, and plan.py
+    evaluates in it unless --[no-]legacy-dynamics is given."""
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run["out"], out)
+    ckpt_path = out / "checkpoint.pt"
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    assert ckpt["config"]["legacy_dynamics"] is False  # halfcheetah-medium-sb3 resolves to today's dynamics
+    ckpt["config"]["legacy_dynamics"] = True  # as if the run had started with --legacy-dynamics
+    torch.save(ckpt, ckpt_path)
+    common = ["--env", "halfcheetah-medium-sb3", "--dataset", tiny_run["file"], "--log-every", "4",
+              "--eval-episodes", "0", "--out", out, "--resume", "--threads", "1"]
+    run_script("train.py", *common, "--steps", "13")
+    assert train.load_checkpoint(ckpt_path)["config"]["legacy_dynamics"] is True  # kept, not re-resolved
+
+    made = []
+
+    class Made(Exception):
+        pass
+
+    def fake_make_env(name, seed=None, **kwargs):  # records what evaluate asks for, then stops it
+        made.append(kwargs.get("legacy_dynamics"))
+        raise Made
+
+    monkeypatch.setattr(data, "make_env", fake_make_env)
+    for flags, want in (([], True), (["--no-legacy-dynamics"], False)):
+        with pytest.raises(Made):
+            plan.main(["--checkpoint", str(ckpt_path), "--episodes", "1", "--threads", "1", *flags])
+        assert made[-1] is want, flags
+    monkeypatch.undo()
+    run_script("train.py", *common, "--steps", "14", "--no-legacy-dynamics")
+    assert train.load_checkpoint(ckpt_path)["config"]["legacy_dynamics"] is False  # an explicit flag wins
 
 
 def test_cli_every_dataset_has_one_table_row():

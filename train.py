@@ -82,7 +82,9 @@ class Config:
     eval_episodes: int = _f(10, "evaluation episodes at the end (official 10); 0 skips evaluation")
     eval_seed: int = _f(100, "first evaluation episode's env seed (episodes use eval_seed + i)")
     batch_envs: int = _f(10, "environments planned together in one batched call during evaluation")
-    legacy_dynamics: bool = _f(False, "hopper/walker2d: evaluate with the body masses D4RL's data was collected with")
+    legacy_dynamics: bool = _f(False, "evaluate in the dynamics of mujoco-py on MuJoCo 2.1 (envs.py), the simulator "
+                                      "D4RL's locomotion data came from; the per-env table turns it on for D4RL's "
+                                      "*-v2 locomotion names, --no-legacy-dynamics opts out")
     amp: bool = _f(False, "bf16 autocast for the training forward passes (CUDA only)")
     cuda_graph: bool = _f(False, "capture the whole training step as one CUDA graph and replay it (CUDA, 1 process)")
     # --- data ---
@@ -147,7 +149,11 @@ def _build_env_table() -> dict[str, dict]:
         # on medium-expert's target (its data reach it), random on medium's (above all of its data).
         targets = dict(targets, expert=targets["medium-expert"], random=targets["medium"])
         for quality, target in targets.items():
-            table[f"{env}-{quality}-v2"] = dict(horizon=h, refine_steps=k, guidance=w, target_return=target, lr=2e-4)
+            # legacy_dynamics: D4RL's locomotion files were collected in mujoco-py on MuJoCo 2.x, so their
+            # names evaluate in that simulator's dynamics (envs.LEGACY_BODY_INERTIA). Bundled stand-ins (-sb3)
+            # were collected on MuJoCo 3 and keep today's, also when --dataset points elsewhere.
+            table[f"{env}-{quality}-v2"] = dict(horizon=h, refine_steps=k, guidance=w, target_return=target, lr=2e-4,
+                                                legacy_dynamics=True)
     for task, (h, k, w, target) in _ADROIT.items():
         for quality in ("human", "cloned", "expert"):
             table[f"{task}-{quality}-v1"] = dict(horizon=h, refine_steps=k, guidance=w, target_return=target, lr=1e-4)
@@ -585,7 +591,12 @@ def train(given: dict) -> Path:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     cfg = resolve_config(given)
-    D.get_info(cfg.env)  # unknown names fail here, before anything is written
+    info = D.get_info(cfg.env)  # unknown names fail here, before anything is written
+    if cfg.legacy_dynamics:
+        from envs import LEGACY_BODY_INERTIA
+        if info.env_id not in LEGACY_BODY_INERTIA:
+            raise UsageError(f"--legacy-dynamics covers {', '.join(sorted(LEGACY_BODY_INERTIA))}, not {info.env_id} "
+                             f"({cfg.env}); drop the flag")
     device = pick_device(cfg.device)
     if world > 1:
         import torch.distributed as dist
@@ -608,10 +619,12 @@ def train(given: dict) -> Path:
         if old.env != cfg.env:
             raise UsageError(f"--resume: {out}/checkpoint.pt was trained on {old.env}, not {cfg.env}; "
                              f"use --env {old.env} or another --out")
-        # this machine and this invocation: always now; the budget and the data file: now if given, else the
-        # checkpoint's (so a run made with --preset or --dataset resumes with the same steps and the same file)
+        # this machine and this invocation: always now; the budget, the data file and the evaluation simulator
+        # (which changes no weight): now if given, else the checkpoint's (so a run made with --preset or
+        # --dataset resumes with the same steps and the same file)
         now = {"resume", "device", "threads", "debug", "amp", "cuda_graph", "out"}
-        keep = {"steps", "eval_episodes", "eval_every", "save_every", "dataset", "log_every", "batch_envs"}
+        keep = {"steps", "eval_episodes", "eval_every", "save_every", "dataset", "log_every", "batch_envs",
+                "legacy_dynamics"}
         cfg = dataclasses.replace(old, **{k: v for k, v in dataclasses.asdict(cfg).items()
                                           if k in now or (k in keep and k in given)})
 

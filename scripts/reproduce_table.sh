@@ -2,6 +2,7 @@
 # Train and evaluate every dataset of the paper in turn, at the official sizes and budget (1M steps each),
 # on a machine that can reach D4RL (and Minari for Kitchen: pip install minari). Each run directory gets
 # checkpoint.pt, metrics.jsonl, curves.png and a 10-episode evaluation; results/<name>.json collects them.
+# Locomotion names evaluate in D4RL's simulator dynamics by default (train.py's per-env table, envs.py).
 # Usage: bash scripts/reproduce_table.sh [--device cuda] [--steps N] [--seeds "0 1 2"]
 set -euo pipefail
 DEVICE=auto; STEPS=""; SEEDS="0"
@@ -18,10 +19,9 @@ kitchen-partial-v0 kitchen-mixed-v0"
 mkdir -p results
 for name in $NAMES; do
   for seed in $SEEDS; do
-    legacy=""; case $name in hopper-*|walker2d-*) legacy="--legacy-dynamics";; esac
     out=runs/$name-s$seed
     resume=""; [ -f $out/checkpoint.pt ] && resume="--resume"
-    python train.py --env $name --seed $seed --device $DEVICE $STEPS $legacy --out $out $resume --eval-episodes 0
+    python train.py --env $name --seed $seed --device $DEVICE $STEPS --out $out $resume --eval-episodes 0
     python plan.py --checkpoint $out/checkpoint.pt --device $DEVICE --episodes 10 --json results/$name-s$seed.json
   done
 done
