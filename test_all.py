@@ -1650,7 +1650,7 @@ def test_plan_shipped_checkpoint_acts():
     """The checkpoint the README points at loads safely and acts within the bounds."""
     ck = ROOT_DIR / "checkpoints" / "halfcheetah-medium-sb3" / "checkpoint.pt"
     planner = plan.Planner.from_checkpoint(ck, device="cpu")
-    assert planner.cfg.env == "halfcheetah-medium-sb3" and planner.k == 5
+    assert planner.cfg.env == "halfcheetah-medium-sb3" and planner.k == train.ENV_TABLE["halfcheetah-medium-sb3"]["refine_steps"]
     env = data.make_env("halfcheetah-medium-sb3", seed=0)
     obs, _ = env.reset(seed=0)
     a = planner.act(obs)

@@ -159,10 +159,14 @@ def _build_env_table() -> dict[str, dict]:
             table[f"{task}-{quality}-v1"] = dict(horizon=h, refine_steps=k, guidance=w, target_return=target, lr=1e-4)
     for name, target in (("partial", 500), ("mixed", 400), ("complete", 500)):  # complete takes partial's
         table[f"kitchen-{name}-v0"] = dict(horizon=32, refine_steps=5, guidance=1.2, target_return=target, lr=1e-4)
-    # The bundled stand-ins: their family's planning settings (H, k, w) and the CPU preset (models, budget,
-    # a target read off the data). The official targets lie above every episode of these files.
+    # The bundled stand-ins: their family's horizon and the CPU preset (models, budget, a target read off the
+    # data; the official targets lie above every episode of these files).
+    # DEVIATION: k = 1, w = 1.2 on the bundled halfcheetah data (official halfcheetah: k = 5, w = 1.1), chosen by
+    # the k x w sweep on episode seeds 100+ (README, Results): the score fell with k on both files (medium-replay:
+    # 40.0 at k = 1 to 31.0 at k = 40, w = 1) and w moved it less than the episode noise; k = 1, w = 1.2 had the
+    # best mean over the two files.
     for name in ("halfcheetah-medium-sb3", "halfcheetah-medium-replay-sb3"):
-        table[name] = dict(horizon=8, refine_steps=5, guidance=1.1, preset="cpu")
+        table[name] = dict(horizon=8, refine_steps=1, guidance=1.2, preset="cpu")
     h, k, w, _ = _LOCO["hopper"]
     table["hopper-medium-sb3"] = dict(horizon=h, refine_steps=k, guidance=w, preset="cpu")
     return table
