@@ -1816,7 +1816,7 @@ def test_reliability_old_checkpoint_format(rel_run_dir, tmp_path):
     torch.save(ckpt, old / "checkpoint.pt")
     before = rel_snapshot(old)
     proc = rel_run(["train.py", "--env", REL_ENV, "--out", old, "--resume", "--steps", 30] + REL_TINY)
-    rel_check_refused(proc, old, before, None, "format version 0", "version 1", "retrain")
+    rel_check_refused(proc, old, before, None, "format version 0", f"version {train.FORMAT_VERSION}", "retrain")
     proc = rel_run(["plan.py", "--checkpoint", old / "checkpoint.pt", "--episodes", 1, "--device", "cpu"])
     rel_check_refused(proc, old, before, None, "format version 0")
 
