@@ -513,7 +513,8 @@ def diagnose(ckpt_path, png: str, device: str = "cpu", n_windows: int = 512, see
 
     def plan_error(x, k):
         return {"k": k, "s1_mse": float(((x[:, 1] - x0[:, 1]) ** 2).mean()),
-                "plan_mse": float(((x[:, 1:] - x0[:, 1:]) ** 2).mean()), "plan_rms": float(x[:, 1:].pow(2).mean().sqrt())}
+                "plan_mse": float(((x[:, 1:] - x0[:, 1:]) ** 2).mean()),
+                "plan_rms": float(x[:, 1:].pow(2).mean().sqrt())}
     plans = [plan_error(tf_plan, 0)]
     for k in ks:
         if k < T:
@@ -549,7 +550,8 @@ def diagnose(ckpt_path, png: str, device: str = "cpu", n_windows: int = 512, see
         "eps_mse_trivial_t_ge_90pct": float(np.mean([per_t["eps_mse_trivial"][i] for i in hi])),
         "cond_gap_ratio_mean": float(np.mean(per_t["cond_gap_ratio"])),
         "cond_gap_ratio_x0_mean": float(np.mean(per_t["cond_gap_ratio_x0"])),
-        "x0_clamp_binds_at_T": clamp_frac, "from_noise_without_clamp": no_clamp, "target_effect_rms": effect, "targets": list(targets),
+        "x0_clamp_binds_at_T": clamp_frac, "from_noise_without_clamp": no_clamp,
+        "target_effect_rms": effect, "targets": list(targets),
     }
     print(json.dumps(summary, indent=1))
     for r in plans:
@@ -658,7 +660,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batches", default="1,10", help="benchmark: environments planned together, per row")
     p.add_argument("--sweep-k", action="store_true", help="score and time at each k (and the endpoints)")
     p.add_argument("--ks", default="1,2,5,10,20", help="k values for --benchmark, --sweep-k and --diagnose")
-    p.add_argument("--guidances", default="", help="--sweep-k: guidance weights w, one curve each; default: the checkpoint's")
+    p.add_argument("--guidances", default="",
+                   help="--sweep-k: guidance weights w, one curve each; default: the checkpoint's")
     p.add_argument("--no-endpoints", action="store_true", help="--sweep-k: skip the diffusion-from-noise row")
     p.add_argument("--diagnose", default=None, metavar="PNG",
                    help="measure the denoiser on real windows (eps-MSE and guidance signal per t, plan error per k); "

@@ -43,23 +43,28 @@ for env, base in BASELINES.items():
         ms = np.mean([r["ms_per_decision"] for r in runs])
         rows.append(f"| {label} | **{means.mean():.1f} ± {means.std():.1f}** ({len(runs)} seeds) | {per} | "
                     f"{runs[0]['episodes']} | {ms:.1f} |")
-    if not rows:
+    sweep = load(res / f"sweep_{env}.json")
+    if not rows and not sweep:
         continue
     print(f"\n### {env}\n")
-    print("| planner | normalized score, mean ± std across seeds | per seed: mean ± std over episodes | episodes per seed | ms per decision (eval, batched) |")
-    print("|---|---|---|---|---|")
-    print("\n".join(rows))
-    for k, v in base.items():
-        print(f"| {k} | {v} | | | |")
-    sweep = load(res / f"sweep_{env}.json")
+    if rows:
+        print("| planner | normalized score, mean ± std across seeds | per seed: mean ± std over episodes | episodes per seed | ms per decision (eval, batched) |")
+        print("|---|---|---|---|---|")
+        print("\n".join(rows))
+        for k, v in base.items():
+            print(f"| {k} | {v} | | | |")
     if sweep:
         ks = sorted({r["k"] for r in sweep if r["planner"] == "td"})
         ws = sorted({r["guidance"] for r in sweep if r["planner"] == "td"})
         tf = next((r for r in sweep if r["planner"] == "transformer"), None)
         print(f"\nk x w sweep, seed 0, {sweep[0]['episodes']} episodes per cell on seeds 100+"
-              + (f"; transformer alone {tf['normalized_score_mean']:.1f}" if tf else "") + ":\n")
+              + (f"; transformer alone {tf['normalized_score_mean']:.1f} (median {np.median(tf['normalized_scores']):.1f})" if tf else "")
+              + "; each cell: mean (median):\n")
         print("| w \\ k | " + " | ".join(str(k) for k in ks) + " |")
         print("|---|" + "---|" * len(ks))
         for w in ws:
-            cells = {r["k"]: r["normalized_score_mean"] for r in sweep if r["planner"] == "td" and r["guidance"] == w}
-            print(f"| {w:g} | " + " | ".join(f"{cells.get(k, float('nan')):.1f}" for k in ks) + " |")
+            cells = {r["k"]: r for r in sweep if r["planner"] == "td" and r["guidance"] == w}
+            print(f"| {w:g} | " + " | ".join(
+                f"{cells[k]['normalized_score_mean']:.1f} ({np.median(cells[k]['normalized_scores']):.1f})"
+                if k in cells else "" for k in ks) + " |")
+        print(f"| mean over w | " + " | ".join(f"{np.mean([r['normalized_score_mean'] for r in sweep if r['planner'] == 'td' and r['k'] == k]):.1f}" for k in ks) + " |")
