@@ -410,12 +410,12 @@ def sweep_k(ckpt_path, device: str, episodes: int, seed: int, batch_envs: int, k
         if cuda_graph:
             p.enable_cuda_graphs()
         sweep_w = planner == "td" and len(ws) > 1
-        if sweep_w:
-            p.w = torch.tensor(ws, device=p.device).repeat_interleave(episodes)[:, None, None]  # (len(ws)*E, 1, 1)
+        if planner == "td":  # one weight, or one per row: (len(ws) * E, 1, 1)
+            p.w = torch.tensor(ws, device=p.device).repeat_interleave(episodes)[:, None, None] if sweep_w else ws[0]
         r = evaluate(p, base.cfg.env, episodes * (len(ws) if sweep_w else 1), seed,
                      episodes * len(ws) if sweep_w else batch_envs, progress=False,
                      seeds=[seed + i % episodes for i in range(episodes * len(ws))] if sweep_w else None)
-        for j, w in enumerate(ws if sweep_w else [p.w if planner != "td" else ws[0]]):
+        for j, w in enumerate(ws if planner == "td" else [p.w]):
             rows = slice(j * episodes, (j + 1) * episodes)
             one = dict(r, guidance=float(w), episodes=episodes, returns=r["returns"][rows],
                        normalized_scores=r["normalized_scores"][rows])
@@ -535,7 +535,7 @@ def diagnose(ckpt_path, png: str, device: str = "cpu", n_windows: int = 512, see
     den.clip_denoised = True
     clamp_frac = float(((raw < den.x_low) | (raw > den.x_high))[:, 1:].float().mean())
     effect = {}
-    for name, k in (("refine", planner.k or 5), ("sample", T)):
+    for name, k in (("refine", max(planner.k, 1)), ("sample", T)):
         outs = []
         for c in targets:
             torch.manual_seed(seed)
