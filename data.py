@@ -43,8 +43,22 @@ import torch
 HERE = pathlib.Path(__file__).resolve().parent
 
 
-class DataError(Exception):
-    """Any problem with a dataset name, file or download; the message is one line saying what to do."""
+class UsageError(Exception):
+    """A user's mistake or a missing resource: a flag, a dataset name, file or download, a run directory, a
+    checkpoint. The message is one line saying what to do; every command prints it and exits with code 2."""
+
+
+def run_cli(fn, debug: bool = False) -> int:
+    """The one main() wrapper of every command: run fn(); a UsageError (or a ValueError from a bad argument)
+    becomes one line on stderr and exit code 2, unless --debug asks for the traceback."""
+    try:
+        fn()
+    except (UsageError, ValueError) as e:
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -130,7 +144,7 @@ def get_info(name: str) -> DatasetInfo:
         return _MINARI_INFOS[name]
     close = difflib.get_close_matches(name, DATASETS.keys(), n=3)  # 3 names at difflib's default similarity
     hint = f"did you mean {', '.join(close)}? " if close else ""
-    raise DataError(f"unknown dataset name '{name}'; {hint}python data.py --list shows every name")
+    raise UsageError(f"unknown dataset name '{name}'; {hint}python data.py --list shows every name")
 
 
 def normalized_score(name: str, ret):
@@ -158,21 +172,21 @@ def resolve_path(name: str, path=None, download: bool = True) -> pathlib.Path:
     if path is not None:
         p = pathlib.Path(path).expanduser()
         if not p.is_file():
-            raise DataError(f"dataset file {p} does not exist; check the --dataset path")
+            raise UsageError(f"dataset file {p} does not exist; check the --dataset path")
         return p
     if info.source == "bundled":
         p = HERE / info.filename
         if not p.is_file():
-            raise DataError(f"bundled dataset {p} is missing; restore it from the repository or pass --dataset PATH")
+            raise UsageError(f"bundled dataset {p} is missing; restore it from the repository or pass --dataset PATH")
         return p
     if info.source == "minari":
-        raise DataError(f"{name} is read through Minari ({info.minari_id}), not from a file; "
+        raise UsageError(f"{name} is read through Minari ({info.minari_id}), not from a file; "
                         f"pass --dataset PATH for a D4RL-layout file with {info.obs_dim}-d observations")
     p = cache_dir() / info.filename
     if p.is_file():
         return p
     if not download or info.url is None:
-        raise DataError(f"{name} is not in the D4RL cache at {p}; place the file there or pass --dataset PATH")
+        raise UsageError(f"{name} is not in the D4RL cache at {p}; place the file there or pass --dataset PATH")
     _fetch(info.url, p)
     return p
 
@@ -211,7 +225,7 @@ def download(url: str, dest, timeout: float = 30.0) -> pathlib.Path:
         return dest
     except Exception as e:  # any failure (network, disk, bad file) becomes one line with the manual fix
         reason = " ".join(str(e).split()) or type(e).__name__
-        raise DataError(f"could not download {url} ({reason}); place the file by hand at {dest} "
+        raise UsageError(f"could not download {url} ({reason}); place the file by hand at {dest} "
                         f"or pass --dataset PATH to a D4RL-layout hdf5 file") from None
     finally:
         if tmp is not None and os.path.exists(tmp):
@@ -232,16 +246,16 @@ def _as_flags(x: np.ndarray, key: str, where: str) -> np.ndarray:
     if x.dtype == np.bool_:
         return x
     if not np.issubdtype(x.dtype, np.number) or not np.all((x == 0) | (x == 1)):
-        raise DataError(f"{where}: '{key}' must hold booleans or 0/1 values; the file is not in D4RL's layout")
+        raise UsageError(f"{where}: '{key}' must hold booleans or 0/1 values; the file is not in D4RL's layout")
     return x != 0
 
 
 def _as_float(x: np.ndarray, key: str, where: str) -> np.ndarray:
     if x.dtype not in (np.float32, np.float64):
-        raise DataError(f"{where}: '{key}' has dtype {x.dtype}, expected float32 or float64")
+        raise UsageError(f"{where}: '{key}' has dtype {x.dtype}, expected float32 or float64")
     if not np.all(np.isfinite(x)):
         bad = int(np.size(x) - np.isfinite(x).sum())
-        raise DataError(f"{where}: '{key}' holds {bad} NaN/inf values; clean or re-download the file")
+        raise UsageError(f"{where}: '{key}' holds {bad} NaN/inf values; clean or re-download the file")
     return x.astype(np.float32, copy=False)
 
 
@@ -249,7 +263,7 @@ def check_arrays(raw: dict, info: DatasetInfo, where: str) -> dict:
     """Validate arrays read from a file (or converted from Minari) and return them in canonical dtypes."""
     for k in REQUIRED_KEYS:
         if raw.get(k) is None:
-            raise DataError(f"{where}: required key '{k}' is missing (needs {', '.join(REQUIRED_KEYS)})")
+            raise UsageError(f"{where}: required key '{k}' is missing (needs {', '.join(REQUIRED_KEYS)})")
     out = {}
     for k in ("rewards", "terminals", "timeouts"):  # (N,) or (N, 1) -> (N,)
         if raw.get(k) is not None and raw[k].ndim == 2 and raw[k].shape[1] == 1:
@@ -257,19 +271,19 @@ def check_arrays(raw: dict, info: DatasetInfo, where: str) -> dict:
     n = len(raw["observations"])
     for k, v in raw.items():
         if v is not None and (v.ndim == 0 or len(v) != n):
-            raise DataError(f"{where}: '{k}' has {len(v) if v.ndim else 0} rows but observations has {n}")
+            raise UsageError(f"{where}: '{k}' has {len(v) if v.ndim else 0} rows but observations has {n}")
     if n == 0:
-        raise DataError(f"{where}: the dataset is empty (0 transitions)")
+        raise UsageError(f"{where}: the dataset is empty (0 transitions)")
     for k, dim in (("observations", info.obs_dim), ("next_observations", info.obs_dim), ("actions", info.act_dim)):
         v = raw.get(k)
         if v is not None and (v.ndim != 2 or v.shape[1] != dim):
             hint = ("; D4RL's 60-d kitchen files do not fit FrankaKitchen-v1, omit --dataset to use Minari's data"
                     if info.family == "kitchen" and k != "actions" else "")
-            raise DataError(f"{where}: '{k}' has shape {v.shape}, but {info.name} ({info.env_id}) needs "
+            raise UsageError(f"{where}: '{k}' has shape {v.shape}, but {info.name} ({info.env_id}) needs "
                             f"(N, {dim}){hint}")
     for k in ("rewards", "terminals", "timeouts"):
         if raw.get(k) is not None and raw[k].ndim != 1:
-            raise DataError(f"{where}: '{k}' has shape {raw[k].shape}, expected (N,)")
+            raise UsageError(f"{where}: '{k}' has shape {raw[k].shape}, expected (N,)")
     for k in ("observations", "actions", "rewards", "next_observations"):
         out[k] = None if raw.get(k) is None else _as_float(np.asarray(raw[k]), k, where)
     for k in ("terminals", "timeouts"):
@@ -282,20 +296,20 @@ def load_arrays(path, info: DatasetInfo) -> dict:
     path = pathlib.Path(path)
     where = str(path)
     if not path.is_file():
-        raise DataError(f"dataset file {path} does not exist; check the --dataset path")
+        raise UsageError(f"dataset file {path} does not exist; check the --dataset path")
     raw = {}
     try:
         with h5py.File(path, "r") as f:
             for k in REQUIRED_KEYS + ("timeouts", "next_observations"):
                 if k in f:
                     if not isinstance(f[k], h5py.Dataset):
-                        raise DataError(f"{where}: '{k}' is a group, expected an array; not D4RL's layout")
+                        raise UsageError(f"{where}: '{k}' is a group, expected an array; not D4RL's layout")
                     raw[k] = f[k][()]
-    except DataError:
+    except UsageError:
         raise
     except Exception as e:  # truncated or corrupt files fail inside h5py with OSError/KeyError/...
         reason = " ".join(str(e).split()) or type(e).__name__
-        raise DataError(f"{where}: cannot read the hdf5 file ({reason}); it is truncated or corrupt, "
+        raise UsageError(f"{where}: cannot read the hdf5 file ({reason}); it is truncated or corrupt, "
                         f"delete it and download it again") from None
     return check_arrays(raw, info, where)
 
@@ -305,13 +319,13 @@ def _open_minari(dataset_id: str, name: str, download: bool = True):
     try:
         import minari
     except ImportError:
-        raise DataError(f"{name} needs the optional package minari (pip install minari), "
+        raise UsageError(f"{name} needs the optional package minari (pip install minari), "
                         f"or pass --dataset PATH to a D4RL-layout file") from None
     try:
         return minari.load_dataset(dataset_id, download=download)
     except Exception as e:
         reason = " ".join(str(e).split()) or type(e).__name__
-        raise DataError(f"could not load Minari dataset {dataset_id} ({reason}); run it once with network "
+        raise UsageError(f"could not load Minari dataset {dataset_id} ({reason}); run it once with network "
                         f"access (minari download {dataset_id}) or pass --dataset PATH") from None
 
 
@@ -322,7 +336,7 @@ def load_minari(info: DatasetInfo, download: bool = True) -> tuple[dict, str]:
         episodes = list(ds.iterate_episodes())
     except Exception as e:
         reason = " ".join(str(e).split()) or type(e).__name__
-        raise DataError(f"could not read the episodes of Minari dataset {info.minari_id} ({reason})") from None
+        raise UsageError(f"could not read the episodes of Minari dataset {info.minari_id} ({reason})") from None
     cols = {k: [] for k in ("observations", "next_observations", "actions", "rewards", "terminals", "timeouts")}
     for ep in episodes:
         obs = ep.observations["observation"] if isinstance(ep.observations, dict) else ep.observations
@@ -370,14 +384,14 @@ def _flat_dim(space, what: str, name: str) -> int:
         space = spaces["observation"]
     shape = getattr(space, "shape", None)
     if shape is None or len(shape) != 1 or type(space).__name__ != "Box":
-        raise DataError(f"{name}: its {what} space is {space}; only flat Box observations and actions are supported")
+        raise UsageError(f"{name}: its {what} space is {space}; only flat Box observations and actions are supported")
     return int(shape[0])
 
 
 def minari_info(name: str) -> DatasetInfo:
     dataset_id = name[len(MINARI_PREFIX):]
     if not dataset_id:
-        raise DataError(f"'{name}' names no dataset; write minari:ID, e.g. minari:mujoco/hopper/medium-v0")
+        raise UsageError(f"'{name}' names no dataset; write minari:ID, e.g. minari:mujoco/hopper/medium-v0")
     ds = _open_minari(dataset_id, name)
     meta = dict(getattr(getattr(ds, "storage", None), "metadata", None) or {})
     # the evaluation env: the dataset's eval env spec if it has one (minari's recover_environment(eval_env=True)),
@@ -659,7 +673,7 @@ def make_env(name: str, seed=None, **kwargs):
 
     info = get_info(name)
     if info.family == "minari" and info.env_spec is None:
-        raise DataError(f"{name} records no environment spec, so it cannot be evaluated; train with --eval-episodes 0")
+        raise UsageError(f"{name} records no environment spec, so it cannot be evaluated; train with --eval-episodes 0")
     return envs.make_env(info, seed=seed, **kwargs)
 
 
@@ -671,7 +685,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-download", action="store_true", help="never download; fail if the file is not cached")
     p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     args = p.parse_args(argv)
-    try:
+
+    def run() -> None:
         if args.list:
             print(f"{'name':28s} {'env id':22s} {'obs':>4s} {'act':>4s} {'steps':>6s}  source")
             for info in DATASETS.values():
@@ -684,13 +699,7 @@ def main(argv=None) -> int:
             print(load(args.env, args.dataset, download=not args.no_download).summary())
         else:
             p.error("give --list or --env NAME")
-    except (DataError, ValueError) as e:
-        if args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
+    return run_cli(run, args.debug)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -589,7 +589,7 @@ def flags(n, at):
 
 
 def one_line_error(fn, *words):
-    with pytest.raises(data.DataError) as e:
+    with pytest.raises(data.UsageError) as e:
         fn()
     msg = str(e.value)
     assert "\n" not in msg, msg
@@ -1746,7 +1746,7 @@ def test_reliability_missing_dataset_file(rel_run_dir, tmp_path):
 
 def test_reliability_missing_dataset_file_debug_traceback(rel_run_dir, tmp_path):
     proc = rel_train(tmp_path / "new", "--steps", 5, "--debug", dataset=tmp_path / "nope.hdf5")
-    assert proc.returncode != 0 and "Traceback" in proc.stderr and "DataError" in proc.stderr, proc.stderr
+    assert proc.returncode != 0 and "Traceback" in proc.stderr and "UsageError" in proc.stderr, proc.stderr
     assert not (tmp_path / "new").exists()
 
 
