@@ -137,6 +137,23 @@ def time_decisions(planner: Planner, batch: int, decisions: int, warmup: int = 2
     return 1000.0 * statistics.median(times) / batch
 
 
+def count_kernels(planner: Planner, batch: int) -> int:
+    """Kernels one decision launches: CUDA kernels on a GPU (a replayed graph still runs each of its kernels),
+    operators on a CPU; counted by torch.profiler over one decision at full context."""
+    from torch.profiler import ProfilerActivity, profile
+    C, S = planner.cfg.context, planner.normalizer.mean.shape[-1]
+    hs = torch.zeros(batch, C, S, device=planner.device)
+    hr = torch.full((batch, C, 1), planner.R0, device=planner.device)
+    cuda = planner.device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]) as prof:
+        planner.decide(hs, hr)
+        _sync(planner.device)
+    events = prof.events()
+    if cuda:
+        return sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    return sum(1 for e in events if e.name.startswith("aten::") and e.cpu_parent is None)
+
+
 def check_cuda_graph(ckpt_path, device: str) -> float:
     """The captured decision must compute what the eager one does, on fresh inputs after capture. Noise is
     drawn from another stream under capture, so the check uses the deterministic paths: the transformer
@@ -151,12 +168,10 @@ def check_cuda_graph(ckpt_path, device: str) -> float:
         hr = torch.full((4, C, 1), eager.R0, device=eager.device)
         if eager.N > 1:  # the candidate draw is random: compare one candidate
             eager.N = graph.N = 1
-        torch.manual_seed(0)
-        a = eager.decide(hs, hr)
-        graph.decide(hs, hr)
-        hs2 = torch.randn(4, C, S, generator=g).to(eager.device)  # replay on new inputs
-        diff = (eager.decide(hs2, hr) - graph.decide(hs2, hr)).abs().max().item()
-        diff = max(diff, (a - graph.decide(hs, hr)).abs().max().item())
+        for _ in range(3):  # two eager warm-up calls, then the capture
+            graph.decide(hs, hr)
+        hs2 = torch.randn(4, C, S, generator=g).to(eager.device)  # replays on inputs the capture never saw
+        diff = max((eager.decide(x, hr) - graph.decide(x, hr)).abs().max().item() for x in (hs2, hs))
         print(f"cuda graph vs eager ({kw}): max |diff| = {diff:.2e}")
         worst = max(worst, diff)
     if worst > 1e-3:
@@ -200,14 +215,15 @@ def benchmark(ckpt_path, device: str, decisions: int, ref_decisions: int, ks=(1,
     if cuda_graph:
         check_cuda_graph(ckpt_path, device)
 
-    def add(label, planner, batch, n):
-        if compile:
+    def add(label, planner, batch, n, fast=True):
+        if compile and fast:
             use_compile(planner)
-        if cuda_graph:
+        if cuda_graph and fast:
             use_cuda_graphs(planner)
         ms = time_decisions(planner, batch, n)
         rows.append({"planner": label, "decisions": n, "k": planner.k, "batch": batch, "ms_per_decision": ms,
-                     "calls_per_decision": planner.calls_per_decision(), "candidates": planner.N})
+                     "calls_per_decision": planner.calls_per_decision(), "candidates": planner.N,
+                     "kernels_per_decision": count_kernels(planner, batch), "fast": fast and (compile or cuda_graph)})
 
     base = Planner.from_checkpoint(ckpt_path, device=device)
     for batch in batches:
@@ -217,17 +233,25 @@ def benchmark(ckpt_path, device: str, decisions: int, ref_decisions: int, ks=(1,
                 add("td", Planner.from_checkpoint(ckpt_path, device=device, refine_steps=k), batch, decisions)
         add("diffusion", Planner.from_checkpoint(ckpt_path, device=device, planner="diffusion"), batch, decisions)
     for n_cand in (32, 1):
+        if compile or cuda_graph:  # the eager row beside the fast one, same run
+            add("td-official", reference_planner("td-official", dev, reference_scale, n_cand), 1, ref_decisions, False)
         add("td-official", reference_planner("td-official", dev, reference_scale, n_cand), 1, ref_decisions)
     add("dd-reference", reference_planner("dd-reference", dev, reference_scale, 1), 1, ref_decisions)
 
     diff = {r["batch"]: r["ms_per_decision"] for r in rows if r["planner"] == "diffusion"}
-    print(f"\n{'planner':13s} {'k/T':>4s} {'cand':>4s} {'batch':>5s} {'ms/decision':>12s} {'decisions/s':>12s} "
-          f"{'calls':>6s} {'diffusion/this':>15s}")
+    print(f"\n{'planner':13s} {'mode':>5s} {'k/T':>4s} {'cand':>4s} {'batch':>5s} {'ms/decision':>12s} "
+          f"{'decisions/s':>12s} {'calls':>6s} {'kernels':>8s} {'diffusion/this':>15s}")
     for r in rows:
         ratio = diff.get(r["batch"], float("nan")) / r["ms_per_decision"] if r["planner"] not in (
             "td-official", "dd-reference") else float("nan")
-        print(f"{r['planner']:13s} {r['k']:4d} {r['candidates']:4d} {r['batch']:5d} {r['ms_per_decision']:12.2f} "
-              f"{1000 / r['ms_per_decision']:12.1f} {r['calls_per_decision']:6d} {ratio:15.1f}")
+        print(f"{r['planner']:13s} {'fast' if r['fast'] else 'eager':>5s} {r['k']:4d} {r['candidates']:4d} "
+              f"{r['batch']:5d} {r['ms_per_decision']:12.2f} {1000 / r['ms_per_decision']:12.1f} "
+              f"{r['calls_per_decision']:6d} {r['kernels_per_decision']:8d} {ratio:15.1f}")
+    official = [r for r in rows if r["planner"] == "td-official" and r["candidates"] == 32]
+    if len(official) == 2:
+        print(f"td-official (32 candidates): eager {official[0]['ms_per_decision']:.2f} ms, "
+              f"{official[0]['kernels_per_decision']} kernels; fast {official[1]['ms_per_decision']:.2f} ms, "
+              f"{official[1]['kernels_per_decision']} kernels ({official[0]['ms_per_decision'] / official[1]['ms_per_decision']:.1f}x)")
     td5 = next((r for r in rows if r["planner"] == "td" and r["k"] == 5 and r["batch"] == 1), None)
     if td5:
         print(f"\ndiffusion / td(k=5) at batch 1: {diff[1] / td5['ms_per_decision']:.1f}x")

@@ -368,7 +368,7 @@ def train(given: dict) -> Path:
                 run.save(step, nets, optimizer, scheduler, data.normalizer, data_gen, args)
                 raise UsageError(f"a loss became non-finite at step {step} ({row}); lower --lr or check the data")
             bar.set_postfix({k[:4]: f"{v:.3g}" for k, v in row.items()} | {"it/s": f"{ips:.0f}"})
-            run.log({"step": step, "loss": row, "lr": scheduler.get_last_lr()[0], "it_per_s": ips})
+            run.log({"step": step, "loss": row, "lr": float(scheduler.get_last_lr()[0]), "it_per_s": ips})
         if step % cfg.save_every == 0 and step < cfg.steps:
             run.save(step, nets, optimizer, scheduler, data.normalizer, data_gen, args)
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps and cfg.eval_episodes:
