@@ -5,6 +5,7 @@ sweep, the denoiser diagnostic and videos. None of it is the algorithm (that is 
     python bench.py --checkpoint RUN/checkpoint.pt --sweep-k --ks 1,2,5,10 --guidances 1.0,1.2,2.0 --plot sweep.png
     python bench.py --checkpoint RUN/checkpoint.pt --diagnose diagnose.png
     python bench.py --checkpoint RUN/checkpoint.pt --video cheetah.gif
+    python bench.py --checkpoint RUN/checkpoint.pt --export checkpoints/NAME/checkpoint.pt   # planning-only copy
     python bench.py --checkpoint RUN/checkpoint.pt --episodes 10 --cuda-graph   # evaluate with graph replay
 
 CUDA-graph capture is written once here (CudaGraphed) and used by planning (use_cuda_graphs) and by training
@@ -26,9 +27,8 @@ import torch
 
 import data as D
 from data import UsageError
-from plan import (PlanConfig, Planner, add_planner_flags, build_networks, evaluate, format_result, load_checkpoint,
-                  pick_device,
-                  planner_from_args, set_threads)
+from plan import (PlanConfig, Planner, add_planner_flags, atomic_write, build_networks, evaluate, format_result,
+                  load_checkpoint, pick_device, planner_from_args, set_threads)
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
@@ -105,6 +105,39 @@ def use_compile(planner: Planner) -> Planner:
     planner.transformer.rollout = torch.compile(planner.transformer.rollout, dynamic=False)
     planner.denoiser.model.forward = torch.compile(planner.denoiser.model.forward, dynamic=False)
     return planner
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training curves and planning-only exports
+# ----------------------------------------------------------------------------------------------------
+def plot_curves(metrics_path: Path, png: Path) -> None:
+    """Losses and evaluation score over steps, from metrics.jsonl."""
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    train_rows = [r for r in rows if "loss" in r]
+    evals = [r for r in rows if "eval" in r and r["eval"]["normalized_score_mean"] is not None]  # None: no references
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name in (train_rows[0]["loss"] if train_rows else {}):
+        axes[0].plot([r["step"] for r in train_rows], [r["loss"][name] for r in train_rows], label=name)
+    axes[0].set_yscale("log"), axes[0].set_xlabel("step"), axes[0].set_title("training losses"), axes[0].legend()
+    if evals:
+        axes[1].errorbar([r["step"] for r in evals], [r["eval"]["normalized_score_mean"] for r in evals],
+                         yerr=[r["eval"]["normalized_score_std"] for r in evals], marker="o", capsize=3)
+    axes[1].set_xlabel("step"), axes[1].set_ylabel("D4RL normalized score"), axes[1].set_title("evaluation")
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+def export_for_planning(src, dst) -> Path:
+    """A small checkpoint that can act but not resume: the config, model_args, normalizer and the networks
+    planning uses (transformer, EMA denoiser, inverse dynamics, critic), without optimizer, RNG or raw denoiser."""
+    ckpt = load_checkpoint(src)
+    slim = {k: v for k, v in ckpt.items() if k not in ("models", "optimizer", "scheduler", "rng")}
+    slim.update(models={k: v for k, v in ckpt["models"].items() if k != "diffusion"}, planning_only=True)
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(dst, lambda fh: torch.save(slim, fh))
+    return dst
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -495,6 +528,8 @@ def main(argv=None) -> int:
                       help="measure the denoiser on real windows (eps-MSE and guidance signal per t, plan error "
                            "per k); writes PNG and a .json beside it")
     what.add_argument("--video", default=None, help="render one episode to .gif/.mp4 (or a .png strip of 6 frames)")
+    what.add_argument("--export", default=None, metavar="DST",
+                      help="write a planning-only copy of the checkpoint (no optimizer or raw denoiser) to DST")
     p.add_argument("--cuda-graph", action="store_true", help="replay each decision as a CUDA graph (CUDA only)")
     p.add_argument("--compile", action="store_true", help="torch.compile the rollout and the U-Net")
     p.add_argument("--episodes", type=int, default=10, help="evaluation episodes (no other action: evaluate)")
@@ -529,6 +564,9 @@ def run(args) -> None:
                       guidances=[float(w) for w in args.guidances.split(",") if w] or None)
     elif args.diagnose:
         res = diagnose(args.checkpoint, args.diagnose, device=args.device, ks=ks)
+    elif args.export:
+        print(f"wrote {export_for_planning(args.checkpoint, args.export)}")
+        return
     else:
         planner = planner_from_args(args)
         if args.compile:

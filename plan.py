@@ -109,6 +109,16 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     return ckpt
 
 
+def atomic_write(path: Path, write) -> None:
+    """Write a file so that a crash leaves the old one or the new one, never half: temp file, fsync, rename."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        write(fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         if torch.cuda.is_available():

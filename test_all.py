@@ -31,6 +31,7 @@ from inverse_dynamics import Critic, InverseDynamics, clamp_action, select_candi
 from transformer import SelfAttention, TrajectoryTransformer, causal_mask
 import data
 import envs
+import bench
 import plan
 import train
 
@@ -1635,7 +1636,7 @@ def test_speed_benchmark_tiny_has_every_row(tiny_run, tmp_path):
 
 
 def test_plan_export_for_planning_acts_and_refuses_resume(tiny_run, tmp_path):
-    dst = train.export_for_planning(tiny_run["out"] / "checkpoint.pt", tmp_path / "slim" / "checkpoint.pt")
+    dst = bench.export_for_planning(tiny_run["out"] / "checkpoint.pt", tmp_path / "slim" / "checkpoint.pt")
     slim = torch.load(dst, weights_only=True)
     assert "optimizer" not in slim and "diffusion" not in slim["models"] and "ema" in slim["models"]
     full = plan.Planner.from_checkpoint(tiny_run["out"] / "checkpoint.pt", device="cpu", planner="transformer")

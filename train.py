@@ -38,8 +38,8 @@ import torch.nn as nn
 
 import data as D
 from data import UsageError
-from plan import (FORMAT_VERSION, PlanConfig, Planner, build_networks, evaluate, format_result, load_checkpoint,
-                  pick_device, set_threads, setting)
+from plan import (FORMAT_VERSION, PlanConfig, Planner, atomic_write, build_networks, evaluate, format_result,
+                  load_checkpoint, pick_device, set_threads, setting)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -500,7 +500,8 @@ class Run:
         ckpt = {"format_version": FORMAT_VERSION, "config": dataclasses.asdict(self.cfg), "step": step,
                 "model_args": args, "models": {k: m.state_dict() for k, m in nets.items()},
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "normalizer": normalizer.state_dict(), "rng": rng, "versions": versions()}
+                "normalizer": normalizer.state_dict(), "rng": rng, "versions": {
+                    "torch": str(torch.__version__), "python": platform.python_version(), "format": FORMAT_VERSION}}
         atomic_write(self.out / "checkpoint.pt", lambda fh: torch.save(ckpt, fh))
 
     def evaluate(self, nets, normalizer, step: int) -> None:
@@ -520,6 +521,7 @@ class Run:
             torch.save({"models": {k: m.state_dict() for k, m in nets.items()}, "first_windows": self.first_windows,
                         "evaluations": self.evaluations}, Path(os.environ["TD_RANK_DUMP"]) / f"rank{self.rank}.pt")
         if self.rank == 0:
+            from bench import plot_curves
             plot_curves(self.out / "metrics.jsonl", self.out / "curves.png")
             print(f"run directory: {self.out}  (python plan.py --checkpoint {self.out / 'checkpoint.pt'})")
         if self.world > 1:
@@ -545,53 +547,6 @@ def check_run_dir(cfg: Config) -> Path:
         raise UsageError(f"--out {out} already holds a run (env {old_env}); pass --resume to continue it, "
                          f"or choose another --out (nothing was overwritten)")
     return out
-
-
-def versions() -> dict:
-    return {"torch": str(torch.__version__), "numpy": str(np.__version__), "python": platform.python_version(),
-            "format": FORMAT_VERSION}
-
-
-def atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        write(fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def export_for_planning(src, dst) -> Path:
-    """A small checkpoint that can act but not resume: the config, model_args, normalizer and the networks
-    planning uses (transformer, EMA denoiser, inverse dynamics, critic), without optimizer, RNG or raw denoiser."""
-    ckpt = load_checkpoint(src)
-    slim = {k: v for k, v in ckpt.items() if k not in ("models", "optimizer", "scheduler", "rng")}
-    slim.update(models={k: v for k, v in ckpt["models"].items() if k != "diffusion"}, planning_only=True)
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(dst, lambda fh: torch.save(slim, fh))
-    return dst
-
-
-def plot_curves(metrics_path: Path, png: Path) -> None:
-    """Losses and evaluation score over steps, from metrics.jsonl."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    train_rows = [r for r in rows if "loss" in r]
-    evals = [r for r in rows if "eval" in r and r["eval"]["normalized_score_mean"] is not None]  # None: no references
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for name in (train_rows[0]["loss"] if train_rows else {}):
-        axes[0].plot([r["step"] for r in train_rows], [r["loss"][name] for r in train_rows], label=name)
-    axes[0].set_yscale("log"), axes[0].set_xlabel("step"), axes[0].set_title("training losses"), axes[0].legend()
-    if evals:
-        axes[1].errorbar([r["step"] for r in evals], [r["eval"]["normalized_score_mean"] for r in evals],
-                         yerr=[r["eval"]["normalized_score_std"] for r in evals], marker="o", capsize=3)
-    axes[1].set_xlabel("step"), axes[1].set_ylabel("D4RL normalized score"), axes[1].set_title("evaluation")
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
 
 
 def main(argv=None) -> int:
