@@ -533,6 +533,23 @@ def test_diffusion_high_noise_matches_trivial_predictor():
             assert model <= 2 * trivial
 
 
+def test_diffusion_horizon_conv_equals_conv1d():
+    """HorizonConv1d's centre-tap product at H = 1 (and its plain path at H > 1) equals F.conv1d, with gradients."""
+    from diffusion import HorizonConv1d
+    torch.manual_seed(0)
+    conv = HorizonConv1d(16, 24, 5, padding=2)
+    for H in (1, 2, 8):
+        x = torch.randn(3, 16, H, requires_grad=True)
+        y = conv(x)
+        ref = F.conv1d(x, conv.weight, conv.bias, padding=2)
+        assert y.shape == ref.shape == (3, 24, H)
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
+        g_ours = torch.autograd.grad(y.square().sum(), (x, conv.weight))
+        g_ref = torch.autograd.grad(ref.square().sum(), (x, conv.weight))
+        for a, b in zip(g_ours, g_ref):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_diffusion_unet_reads_full_resolution_skip():
     """The output must depend on the full-resolution features through their skip, not only through the
     stride-2 bottleneck: with the first downsampling fed zeros, two inputs must still give different outputs.
