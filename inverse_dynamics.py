@@ -30,7 +30,7 @@ class InverseDynamics(nn.Module):
 
     DEVIATION: the official code clamps the predicted action to the action bounds inside the training
     loss (so an output beyond a bound gets no gradient) and does not clamp at execution. Here training
-    regresses the raw output, and clamp_action() is applied by the planner to the executed action,
+    regresses the raw output, and the planner (plan.Planner.decide) clamps the executed action,
     because environments charge control costs on the action they are given."""
 
     def __init__(self, state_dim, action_dim, hidden=256, n_hidden=2, dropout=0.0):
@@ -90,7 +90,7 @@ class Critic(nn.Module):
 def select_candidate(q, temperature=1.0, generator=None):
     """q (B, N) -> index (B,) drawn from softmax(q / temperature) (official: softmax over Q, temperature
     1); temperature 0 = argmax. Sampling uses the Gumbel-max trick, argmax(q / T + Gumbel noise), which
-    draws exactly from the softmax without a host sync (torch.multinomial may need one)."""
+    draws exactly from the softmax, every row at once."""
     if q.dim() != 2:
         raise ValueError(f"q must be (B, N), got {tuple(q.shape)}")
     if temperature < 0:
@@ -101,19 +101,3 @@ def select_candidate(q, temperature=1.0, generator=None):
     tiny = torch.finfo(u.dtype).tiny                                               # keeps log(0) out
     gumbel = -torch.log(-torch.log(u.clamp_min(tiny)))
     return (q.float() / temperature + gumbel).argmax(dim=-1)
-
-
-def clamp_action(a, low, high):
-    """Clamp actions a (..., A) into the environment's bounds low, high (scalars or (A,) arrays/tensors).
-    The planner applies this to the action it executes; the official code clamps only inside the
-    inverse-dynamics training loss instead (see InverseDynamics). The low <= high check runs on the host,
-    before the bounds move to a's device, so that the call never waits on the GPU (and can be captured
-    in a CUDA graph)."""
-    on_device = torch.is_tensor(low) and torch.is_tensor(high) and low.device == high.device == a.device
-    if a.device.type == "cpu" or not on_device:  # bounds already on an accelerator were checked by the caller
-        low_h, high_h = torch.as_tensor(low, dtype=a.dtype), torch.as_tensor(high, dtype=a.dtype)
-        if bool((low_h.cpu() > high_h.cpu()).any()):
-            raise ValueError("action bounds must satisfy low <= high")
-    low = torch.as_tensor(low, dtype=a.dtype, device=a.device)
-    high = torch.as_tensor(high, dtype=a.dtype, device=a.device)
-    return torch.clamp(a, min=low, max=high)

@@ -250,7 +250,8 @@ class Planner:
             # 2. the diffusion optimizer: noise to level k, denoise k guided steps
             if self.k > 0:
                 x = self.denoiser.refine(x, self.k, cond, w, add_noise=self.cfg.refine_noise)
-        # 3. inverse dynamics on the first planned transition, clamped to the action space
+        # 3. inverse dynamics on the first planned transition, clamped to the action space (DEVIATION: see
+        # inverse_dynamics.InverseDynamics; the official code clamps in its training loss, not here)
         a = torch.clamp(self.invdyn(x[:, 0], x[:, 1]), self.low, self.high)  # (B*N, A)
         if N > 1:  # 4. the critic's softmax picks one candidate per environment
             q = self.critic(x[:, 0], a).view(B, N)                          # (B*N,) -> (B, N)

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from diffusion import GaussianDiffusion, TemporalUnet, cosine_beta_schedule, linear_beta_schedule
-from inverse_dynamics import Critic, InverseDynamics, clamp_action, select_candidate
+from inverse_dynamics import Critic, InverseDynamics, select_candidate
 from transformer import SelfAttention, TrajectoryTransformer, causal_mask
 import data
 import envs
@@ -269,21 +269,6 @@ def test_inverse_dynamics_select_candidate():
         assert diff < 0.01  # about 4 standard errors at n = 40000
     with pytest.raises(ValueError):
         select_candidate(q, temperature=-1.0)
-
-
-def test_inverse_dynamics_clamp_action():
-    low, high = np.array([-1.0, -0.5, 0.0], dtype=np.float32), np.array([1.0, 0.5, 2.0], dtype=np.float32)
-    a = torch.randn(100, 3) * 3
-    out = clamp_action(a, low, high)
-    lo, hi = torch.as_tensor(low), torch.as_tensor(high)
-    assert bool((out >= lo).all()) and bool((out <= hi).all())
-    inside = (a >= lo) & (a <= hi)
-    assert torch.equal(out[inside], a[inside])  # values within the bounds are untouched
-    assert torch.equal(out[a < lo], lo.expand_as(a)[a < lo])
-    assert torch.equal(out[a > hi], hi.expand_as(a)[a > hi])
-    assert torch.equal(clamp_action(a, -1.0, 1.0), a.clamp(-1.0, 1.0))
-    with pytest.raises(ValueError):
-        clamp_action(a, high, low)
 
 
 # ====================================================================================================

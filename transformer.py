@@ -171,7 +171,6 @@ class TrajectoryTransformer(nn.Module):
         err_r = (pred_r[:, :-1] - rtg[:, 1:]).pow(2).squeeze(-1)                   # (B, L-1, 1) -> (B, L-1)
         loss_s = (err_s * weight).sum() / count
         loss_r = (err_r * weight).sum() / count
-        # detached tensors, not floats: reading them back would force a host sync every training step
         return loss_s + loss_r, {"state": loss_s.detach(), "rtg": loss_r.detach()}
 
     @torch.no_grad()
@@ -183,8 +182,7 @@ class TrajectoryTransformer(nn.Module):
 
         use_cache=True: one pass prefills the c history tokens into per-layer key/value caches of
         M = c + n_steps - 1 slots, then every generated token costs one token's work. The caches are
-        preallocated and written by index, positions are tensor slices and nothing is read back to the
-        host, so the loop can later be captured in a CUDA graph.
+        preallocated and written by index.
         use_cache=False (always, when causal=False): re-run the whole growing sequence each step.
 
         DEVIATION: the official planner re-runs a sliding window of the last H-1 tokens at every step
