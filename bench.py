@@ -239,7 +239,8 @@ def reference_planner(kind: str, device, scale: str, n_candidates: int) -> Plann
 
 
 def benchmark(ckpt_path, device: str, decisions: int, ref_decisions: int, ks=(1, 2, 5, 10, 20),
-              batches=(1, 10), reference_scale: str = "full", cuda_graph: bool = False, compile: bool = False) -> dict:
+              batches=(1, 10), reference_scale: str = "full", cuda_graph: bool = False, compile: bool = False,
+              reference_only: bool = False) -> dict:
     dev = pick_device(device)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{dev.type} ({torch.get_num_threads()} threads)"
     print(f"device: {name}   torch {torch.__version__}   cuda graphs: {'on' if cuda_graph else 'off'}   "
@@ -259,7 +260,7 @@ def benchmark(ckpt_path, device: str, decisions: int, ref_decisions: int, ks=(1,
                      "kernels_per_decision": count_kernels(planner, batch), "fast": fast and (compile or cuda_graph)})
 
     base = Planner.from_checkpoint(ckpt_path, device=device)
-    for batch in batches:
+    for batch in ([] if reference_only else batches):
         add("transformer", Planner.from_checkpoint(ckpt_path, device=device, planner="transformer"), batch, decisions)
         for k in ks:
             if k <= base.denoiser.n_timesteps:
@@ -286,7 +287,7 @@ def benchmark(ckpt_path, device: str, decisions: int, ref_decisions: int, ks=(1,
               f"{official[0]['kernels_per_decision']} kernels; fast {official[1]['ms_per_decision']:.2f} ms, "
               f"{official[1]['kernels_per_decision']} kernels ({official[0]['ms_per_decision'] / official[1]['ms_per_decision']:.1f}x)")
     td5 = next((r for r in rows if r["planner"] == "td" and r["k"] == 5 and r["batch"] == 1), None)
-    if td5:
+    if td5 and 1 in diff:
         print(f"\ndiffusion / td(k=5) at batch 1: {diff[1] / td5['ms_per_decision']:.1f}x")
     dd = next(r for r in rows if r["planner"] == "dd-reference")
     for r in rows:
@@ -542,6 +543,7 @@ def main(argv=None) -> int:
     p.add_argument("--reference-scale", default="full", choices=["full", "tiny"],
                    help="benchmark: tiny stand-ins for the reference rows (tests only)")
     p.add_argument("--batches", default="1,10", help="benchmark: environments planned together, per row")
+    p.add_argument("--reference-only", action="store_true", help="benchmark: only the td-official and dd-reference rows")
     p.add_argument("--ks", default="1,2,5,10,20", help="k values for --benchmark, --sweep-k and --diagnose")
     p.add_argument("--guidances", default="", help="--sweep-k: guidance weights w, one curve each")
     p.add_argument("--no-endpoints", action="store_true", help="--sweep-k: skip the diffusion-from-noise row")
@@ -557,7 +559,7 @@ def run(args) -> None:
     if args.benchmark:
         res = benchmark(args.checkpoint, args.device, args.decisions, args.reference_decisions, ks,
                         batches=[int(b) for b in args.batches.split(",")], reference_scale=args.reference_scale,
-                        cuda_graph=args.cuda_graph, compile=args.compile)
+                        cuda_graph=args.cuda_graph, compile=args.compile, reference_only=args.reference_only)
     elif args.sweep_k:
         res = sweep_k(args.checkpoint, args.device, args.episodes, args.seed, args.batch_envs, ks, args.plot,
                       cuda_graph=args.cuda_graph, endpoints=not args.no_endpoints,

@@ -14,13 +14,13 @@ nvidia-smi -L; python3 -c "import torch; print('torch', torch.__version__)"
 for variant in eager:300: graph:$STEPS:--cuda-graph; do
   IFS=: read -r name steps flags <<< "$variant"
   rm -rf "$RUN-$name"
-  timeout 200 python3 train.py $OFFICIAL --steps "$steps" $flags --out "$RUN-$name" --log-every 100 2>&1 \
+  timeout 110 python3 train.py $OFFICIAL --steps "$steps" $flags --out "$RUN-$name" --log-every 100 2>&1 \
     | grep -E "parameters|error|Error" | tail -8
   cp "$RUN-$name/metrics.jsonl" "$OUT/train_official_$name.jsonl" 2>/dev/null \
     && echo "train $name: $(grep '"loss"' "$OUT/train_official_$name.jsonl" | tail -n1)"
 done
 CK="$RUN-graph/checkpoint.pt"; [ -f "$CK" ] || CK="$RUN-eager/checkpoint.pt"
-timeout 150 python3 bench.py --checkpoint "$CK" --benchmark --device cuda --batches 1 --ks 1,5 --decisions 50 \
+timeout 100 python3 bench.py --checkpoint "$CK" --benchmark --device cuda --batches 1 --ks 1,5 --decisions 50 \
   --reference-decisions 10 --json "$OUT/bench_gpu_eager.json" 2>&1 | grep -v Warn | tail -14
-timeout 300 python3 bench.py --checkpoint "$CK" --benchmark --device cuda --compile --cuda-graph --batches 1 --ks 1,5 \
+timeout 240 python3 bench.py --checkpoint "$CK" --benchmark --device cuda --compile --cuda-graph --reference-only \
   --decisions 50 --reference-decisions 20 --json "$OUT/bench_gpu_fast.json" 2>&1 | grep -v Warn | tail -16
