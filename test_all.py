@@ -7,6 +7,7 @@ No GPU and no network are needed. Comparisons print their max difference (pytest
 """
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -24,6 +25,7 @@ import mujoco
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from diffusion import GaussianDiffusion, TemporalUnet, cosine_beta_schedule, linear_beta_schedule
@@ -1661,6 +1663,261 @@ def test_plan_shipped_checkpoint_acts():
 
 
 # ====================================================================================================
+# glue pinned: each test names the bug it catches
+# ====================================================================================================
+# Stand-in networks record what the planner hands them, so that each wire of Planner.act / decide is checked
+# against a hand computation. B = environments, N = candidates, S = 4 state dims, A = 2 action dims.
+class RecordingTransformer:
+    """rollout(): records the history; its plan moves every state by +1 per step (so x[:, 1] != x[:, 2])."""
+
+    def __init__(self):
+        self.calls = []
+
+    def rollout(self, hist_s, hist_r, n_steps):
+        self.calls.append((hist_s.clone(), hist_r.clone()))
+        steps = torch.arange(1, n_steps + 1, dtype=hist_s.dtype)[None, :, None]  # (1, n, 1)
+        return hist_s[:, -1:] + steps, hist_r[:, -1:].expand(-1, n_steps, -1)
+
+
+class RecordingDenoiser:
+    """refine(): records k and its input; row j of the output is the input moved by 0.01 j after step 0."""
+    n_timesteps = 10
+
+    def __init__(self):
+        self.ks, self.inputs, self.outputs = [], [], []
+
+    def refine(self, x, k, cond, w, add_noise=True):
+        out = x.clone()
+        out[:, 1:] += 0.01 * torch.arange(x.shape[0], dtype=x.dtype)[:, None, None]
+        self.ks.append(k)
+        self.inputs.append(x.clone())
+        self.outputs.append(out)
+        return out
+
+    def sample(self, cond_state, cond, w):
+        raise AssertionError("the td planner never samples from noise")
+
+
+class RecordingInvdyn:
+    """a = (s_next - s)[:, :A]: records (s, s_next) and the actions it returned."""
+
+    def __init__(self, A=2):
+        self.A, self.calls = A, []
+
+    def __call__(self, s, s_next):
+        a = (s_next - s)[:, : self.A]
+        self.calls.append((s.clone(), s_next.clone(), a.clone()))
+        return a
+
+
+class TableCritic:
+    """Q values read from a fixed (B, N) table, whatever the (s, a) it receives."""
+
+    def __init__(self, q):
+        self.q = torch.as_tensor(q, dtype=torch.float32)
+
+    def __call__(self, s, a):
+        return self.q.flatten()
+
+
+def stand_in_planner(q=None, **settings):
+    """A Planner over the stand-ins: C = 3, H = 4, k = 3, a normalizer with mean 0.5 + i and std 2."""
+    cfg = plan.PlanConfig(**{**dict(horizon=4, context=3, refine_steps=3, n_candidates=1, critic_temperature=0.0,
+                                    target_return=100.0, rtg_scale=100.0), **settings})
+    nets = {"transformer": RecordingTransformer(), "ema": RecordingDenoiser(), "invdyn": RecordingInvdyn()}
+    if q is not None:
+        nets["critic"] = TableCritic(q)
+    S = 4
+    norm = data.Normalizer(0.5 + np.arange(S, dtype=np.float32), np.full(S, 2.0, np.float32))
+    planner = plan.Planner(cfg, nets, norm, "cpu")
+    planner.set_bounds(-1e3, 1e3)  # the stand-ins' actions are never clamped
+    return planner, nets, norm
+
+
+def test_glue_planner_normalizes_slides_history_and_decrements_rtg():
+    """Catches: observations not normalized; a history that never slides (no torch.roll once t >= C); the
+    return-to-go decrement's sign flipped or its floor removed. 7 steps (> C = 3) of 2 envs, rewards that
+    reach the floor (R0 = 1, floor 1/3) on env 1 but not on env 0."""
+    planner, nets, norm = stand_in_planner()
+    C, R0, floor = 3, 1.0, 1.0 / 3.0
+    obs = [np.array([[t, 10.0 + t, -t, 2.0], [5.0 * t, 1.0, 0.0, -t]], np.float32) for t in range(7)]
+    rewards = [None] + [np.array([5.0, 30.0]) for _ in range(6)]  # received before calls 1..6
+    planner.reset(2)
+    for t in range(7):
+        planner.act(obs[t], rewards[t])
+    seen_r = []
+    for t, (hist_s, hist_r) in enumerate(nets["transformer"].calls):
+        got = [sum(float(r[i]) for r in rewards[1:t + 1]) for i in range(2)]  # rewards received so far
+        seen_r.append([max(R0 - g / 100.0, R0 * floor) for g in got])
+        first = max(0, t - C + 1)  # the last min(t + 1, C) steps, oldest first
+        want_s = torch.stack([norm.normalize(torch.as_tensor(o)) for o in obs[first:t + 1]], dim=1)  # (B, c, S)
+        want_r = torch.tensor(seen_r[first:t + 1]).T[..., None]  # (B, c, 1)
+        assert torch.allclose(hist_s, want_s, atol=1e-6), f"call {t}: the history of states is wrong"
+        assert torch.allclose(hist_r, want_r, atol=1e-6), f"call {t}: the history of returns-to-go is wrong"
+    assert seen_r[-1][1] == pytest.approx(floor) and seen_r[-1][0] > floor  # env 1 sits on the floor, env 0 not
+
+
+def test_glue_planner_decide_wiring_k_invdyn_and_critic():
+    """Catches: inverse dynamics fed (x[:, 1], x[:, 2]) instead of (x[:, 0], x[:, 1]); the planner passing the
+    denoiser another k than refine_steps; the critic always picking candidate 0 (critic_temperature = 0)."""
+    q = [[0.0, 5.0, 1.0], [2.0, 0.0, 7.0]]  # the best candidates are 1 (env 0) and 2 (env 1)
+    planner, nets, norm = stand_in_planner(q=q, n_candidates=3)
+    obs = np.array([[1.0, 2.0, 3.0, 4.0], [-1.0, 0.0, 1.0, 2.0]], np.float32)
+    a = planner.act(obs)
+    den, inv = nets["ema"], nets["invdyn"]
+    assert den.ks == [3]  # k = refine_steps
+    s_now = norm.normalize(torch.as_tensor(obs)).repeat_interleave(3, 0)  # (B*N, S)
+    assert torch.allclose(den.inputs[0][:, 0], s_now) and torch.allclose(den.inputs[0][:, 1], s_now + 1)
+    s, s_next, acts = inv.calls[0]
+    x = den.outputs[0]  # the refined plans (B*N, H, S)
+    assert torch.equal(s, x[:, 0]) and torch.equal(s_next, x[:, 1]), "inverse dynamics got the wrong states"
+    assert torch.allclose(s, s_now)
+    want = acts.view(2, 3, -1)[torch.arange(2), torch.tensor([1, 2])]  # (B, A): the critic's argmax
+    assert not torch.equal(want, acts.view(2, 3, -1)[:, 0])  # candidate 0 would give other actions
+    np.testing.assert_array_equal(a, want.numpy())
+
+
+def test_glue_diffusion_refine_and_sample_call_the_net_k_and_t_times():
+    """Catches: refine running 1 denoising step instead of k (refine or _denoise). The net is called once per
+    step, at timesteps k-1, ..., 0, with or without guidance (guidance batches both passes in one call)."""
+    d = tiny_diffusion(T=10)
+    seen = []
+    forward = d.model.forward
+    d.model.forward = lambda x, t, r, u: (seen.append(t.tolist()), forward(x, t, r, u))[1]  # count the calls
+    x, r = torch.randn(2, 8, 3), torch.randn(2, 1)
+    for w in (1.0, 1.5):
+        seen.clear()
+        d.refine(x, 4, r, w=w)
+        assert [ts[0] for ts in seen] == [3, 2, 1, 0], (w, seen)
+    seen.clear()
+    d.sample(x[:, 0], r, w=1.0)
+    assert [ts[0] for ts in seen] == list(range(9, -1, -1))
+
+
+class RecordingUnet(nn.Module):
+    """A stand-in denoiser net: records its inputs and predicts 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.p, self.seen = nn.Parameter(torch.zeros(())), []
+
+    def forward(self, x, t, returns, use_cond):
+        self.seen.append(x.detach().clone())
+        return x * 0 + self.p
+
+
+def test_glue_diffusion_loss_inpaints_first_state():
+    """Catches: the first-state inpainting removed from the training loss (x_t[:, 0] = x0[:, 0])."""
+    net = RecordingUnet()
+    d = GaussianDiffusion(net, horizon=8, state_dim=3, n_timesteps=10)
+    x0 = torch.randn(16, 8, 3)
+    d.loss(x0, torch.randn(16, 1))
+    x_t = net.seen[0]
+    assert torch.equal(x_t[:, 0], x0[:, 0])  # the current state is never noised
+    assert (x_t[:, 1:] - x0[:, 1:]).abs().min() > 0  # the rest is
+
+
+def test_glue_transformer_positions_matter():
+    """Catches: the positional encoding removed. Identical tokens at every position give identical outputs
+    without it (each position attends to copies of one token); with it, every position predicts differently."""
+    for causal in (True, False):
+        tf = _tiny_transformer(dropout=0.0, causal=causal)
+        s, r = torch.randn(1, 1, 3).expand(1, 6, 3), torch.randn(1, 1, 1).expand(1, 6, 1)
+        pred_s, pred_r = tf(s, r)
+        gaps = (pred_s[:, 1:] - pred_s[:, :-1]).abs().amax(-1)  # (1, 5) change between neighbouring positions
+        print(f"causal={causal}: smallest change between positions {gaps.min().item():.2e}")
+        assert gaps.min() > 1e-4
+
+
+def test_glue_ema_update_closed_form():
+    """Catches: the EMA decay inverted (lerp weight d instead of 1 - d). ema_every 2, ema_start 4, d = 0.9:
+    odd steps change nothing, step 2 copies, steps 4 and 6 give ema <- 0.9 ema + 0.1 model."""
+    cfg = train.Config(ema_decay=0.9, ema_every=2, ema_start=4)
+    torch.manual_seed(0)
+    model, ema = nn.Linear(3, 2), nn.Linear(3, 2)
+    w = lambda m: m.weight.detach().clone()  # noqa: E731
+    before = w(ema)
+    train.ema_update(ema, model, 1, cfg)
+    assert torch.equal(w(ema), before)  # not an update step
+    train.ema_update(ema, model, 2, cfg)
+    assert torch.equal(w(ema), w(model))  # before ema_start: a copy
+    for step in (3, 4, 5, 6):
+        with torch.no_grad():
+            model.weight += 1.0  # the model moves every step
+        want = 0.9 * w(ema) + 0.1 * w(model) if step % 2 == 0 else w(ema)
+        train.ema_update(ema, model, step, cfg)
+        assert torch.allclose(w(ema), want, atol=1e-6), step
+
+
+@pytest.fixture(scope="module")
+def recorded_train(tmp_path_factory):
+    """train.train() in-process for 3 steps on a hopper-shaped file whose short terminal episodes (3 and 4
+    steps < the window of C + H - 1 = 6) put zeros in the masks, with every loss and every sampled batch
+    recorded. lr decays over 2 steps to 10%."""
+    tmp = tmp_path_factory.mktemp("recorded")
+    f = any_file(tmp / "short.hdf5", lengths=[3, 4, 30], terminal=[True, True, False])
+    calls = {"batch": [], "transformer": [], "diffusion": [], "invdyn": [], "critic": []}
+    with pytest.MonkeyPatch.context() as mp:
+        def record(cls, attr, name):
+            orig = getattr(cls, attr)
+
+            def wrapper(self, *args):
+                out = orig(self, *args)
+                calls[name].append(out if name == "batch" else
+                                   [a.detach().clone() if torch.is_tensor(a) else a for a in args])
+                return out
+            mp.setattr(cls, attr, wrapper)
+
+        record(data.WindowSampler, "sample", "batch")
+        record(TrajectoryTransformer, "loss", "transformer")
+        record(GaussianDiffusion, "loss", "diffusion")
+        record(InverseDynamics, "loss", "invdyn")
+        record(Critic, "loss", "critic")
+        out = train.train({"env": "hopper-medium-v2", "dataset": str(f), "out": str(tmp / "run"), "steps": 3,
+                           "log_every": 1, "lr": 1e-3, "lr_decay_steps": 2, "lr_final_frac": 0.1,
+                           "eval_episodes": 0, "horizon": 4, "context": 3, "batch_size": 16, "use_critic": True,
+                           "n_candidates": 1, "legacy_dynamics": False, "tf_half_dim": 8, "tf_layers": 1,
+                           "tf_heads": 2, "tf_ffn": 16, "unet_dim": 8, "unet_mults": "1,2", "invdyn_hidden": 16,
+                           "critic_hidden": 16, "n_timesteps": 10, "threads": 1, "device": "cpu"})
+    return calls, out
+
+
+def test_glue_train_step_losses_get_masks_and_first_condition(recorded_train):
+    """Catches: a mask dropped (None) from the transformer, inverse-dynamics or critic loss; the denoiser
+    conditioned on the window's last return-to-go instead of its first (cond_rtg[:, 0] -> [:, -1])."""
+    calls, out = recorded_train
+    cond_scale = json.loads((out / "config.json").read_text())["cond_scale"]
+    H = 4
+    assert all(len(calls[k]) == 3 for k in calls)
+    for batch, tf, diff, inv, critic in zip(*(calls[k] for k in ("batch", "transformer", "diffusion", "invdyn",
+                                                                  "critic"))):
+        assert (batch["mask"][:, :H] == 0).any() and (batch["next_mask"][:, :H] == 0).any()  # padding is there
+        states, rtg, mask = tf
+        assert torch.equal(states, batch["states"]) and torch.equal(rtg, batch["rtg"])
+        assert mask is not None and torch.equal(mask, batch["mask"]), "transformer loss without the mask"
+        x0, cond = diff
+        assert torch.equal(x0, batch["states"][:, :H])
+        assert not torch.equal(batch["cond_rtg"][:, 0], batch["cond_rtg"][:, H - 1])  # first and last differ
+        assert torch.allclose(cond, batch["cond_rtg"][:, 0] / cond_scale), "denoiser not on the first return"
+        assert inv[3] is not None and torch.equal(inv[3], batch["next_mask"][:, :H]), "invdyn loss without mask"
+        assert torch.equal(inv[0], batch["states"][:, :H]) and torch.equal(inv[1], batch["next_states"][:, :H])
+        assert critic[3] is not None and torch.equal(critic[3], batch["mask"][:, :H]), "critic loss without mask"
+        assert torch.equal(critic[2], batch["rtg"][:, :H, 0])
+
+
+def test_glue_lr_schedule_closed_form(recorded_train):
+    """Catches: the learning-rate decay removed (scheduler.step() dropped, or lr_lambda returning 1). The logged
+    lr after step s is lr * (1 - (1 - final_frac) * min(s, decay) / decay), with decay 2 and final_frac 0.1."""
+    _, out = recorded_train
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    got = [(r["step"], r["lr"]) for r in rows if "lr" in r]
+    want = [(s, 1e-3 * (1 - 0.9 * min(s, 2) / 2)) for s in (1, 2, 3)]
+    assert [s for s, _ in got] == [1, 2, 3]
+    for (_, g), (_, w) in zip(got, want):
+        assert g == pytest.approx(w, rel=1e-6), (got, want)
+
+
+# ====================================================================================================
 # reliability
 # ====================================================================================================
 REL_ROOT = pathlib.Path(data.__file__).resolve().parent
@@ -1693,14 +1950,17 @@ def rel_tiny_dataset(path, seed=0, **override):
 
 
 def rel_snapshot(folder) -> dict:
+    """Every entry under folder: a file's sha256, or "dir"; equal snapshots mean a byte-identical folder."""
     folder = pathlib.Path(folder)
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(folder.rglob("*"))}
 
 
 def rel_one_line_error(proc, *words) -> str:
-    """Non-zero exit, exactly one non-empty stderr line starting with 'error:', no traceback, the given words."""
+    """Exit code 2 (README), exactly one non-empty stderr line starting with 'error:', no traceback, the words."""
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert proc.returncode != 0, f"exit 0; stdout: {proc.stdout[-2000:]}"
+    assert proc.returncode == 2, (f"exit {proc.returncode}, not 2\nstdout: {proc.stdout[-2000:]}\n"
+                                  f"stderr: {proc.stderr[-2000:]}")
     assert "Traceback" not in proc.stderr, proc.stderr
     assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
     for w in words:
@@ -1723,7 +1983,8 @@ def rel_run_dir(tmp_path_factory):
 
 
 def rel_check_refused(proc, run, before, fresh=None, *words):
-    """The command failed with one line, `run` is byte-identical, and a fresh --out was never created."""
+    """The command failed with one line and exit code 2, `run` (the --out it was given) is byte-identical, and a
+    fresh --out was never created."""
     msg = rel_one_line_error(proc, *words)
     assert rel_snapshot(run) == before, "the existing run directory changed"
     if fresh is not None:
@@ -1732,6 +1993,12 @@ def rel_check_refused(proc, run, before, fresh=None, *words):
 
 
 # ------------------------------------------------------------------------------------------ bad input
+def rel_resume(run, dataset, *extra, **kw):
+    """`--resume` the existing run directory `run` with another --dataset (bad input must leave it untouched)."""
+    return rel_run(["train.py", "--env", REL_ENV, "--out", run, "--resume", "--dataset", dataset, "--steps", 30]
+                   + REL_TINY + list(extra), **kw)
+
+
 def test_reliability_unknown_env(rel_run_dir):
     run, ds = rel_run_dir
     before = rel_snapshot(run)
@@ -1743,7 +2010,9 @@ def test_reliability_unknown_env(rel_run_dir):
 def test_reliability_missing_dataset_file(rel_run_dir, tmp_path):
     run, _ = rel_run_dir
     before = rel_snapshot(run)
-    proc = rel_train(tmp_path / "new", "--steps", 5, dataset=tmp_path / "nope.hdf5")
+    proc = rel_resume(run, tmp_path / "nope.hdf5")
+    rel_check_refused(proc, run, before, None, "nope.hdf5", "does not exist", "--dataset")
+    proc = rel_train(tmp_path / "new", "--steps", 5, dataset=tmp_path / "nope.hdf5")  # a new run is not created
     rel_check_refused(proc, run, before, tmp_path / "new", "nope.hdf5", "does not exist", "--dataset")
 
 
@@ -1761,28 +2030,28 @@ def test_reliability_truncated_or_corrupt_hdf5(rel_run_dir, tmp_path):
     raw = good.read_bytes()
     cut = tmp_path / "cut.hdf5"
     cut.write_bytes(raw[: len(raw) // 2])  # an interrupted copy
-    proc = rel_train(tmp_path / "new", "--steps", 5, dataset=cut)
-    rel_check_refused(proc, run, before, tmp_path / "new", "cut.hdf5", "truncated or corrupt")
+    proc = rel_resume(run, cut)
+    rel_check_refused(proc, run, before, None, "cut.hdf5", "truncated or corrupt")
     junk = tmp_path / "junk.hdf5"
     junk.write_bytes(np.random.default_rng(0).bytes(4096))  # not hdf5 at all
-    proc = rel_train(tmp_path / "new", "--steps", 5, dataset=junk)
-    rel_check_refused(proc, run, before, tmp_path / "new", "junk.hdf5", "truncated or corrupt")
+    proc = rel_resume(run, junk)
+    rel_check_refused(proc, run, before, None, "junk.hdf5", "truncated or corrupt")
 
 
 def test_reliability_missing_key(rel_run_dir, tmp_path):
     run, _ = rel_run_dir
     before = rel_snapshot(run)
     rel_tiny_dataset(tmp_path / "nokey.hdf5", actions=None)
-    proc = rel_train(tmp_path / "new", "--steps", 5, dataset=tmp_path / "nokey.hdf5")
-    rel_check_refused(proc, run, before, tmp_path / "new", "'actions'", "missing")
+    proc = rel_resume(run, tmp_path / "nokey.hdf5")
+    rel_check_refused(proc, run, before, None, "'actions'", "missing")
 
 
 def test_reliability_wrong_dims(rel_run_dir, tmp_path):
     run, _ = rel_run_dir
     before = rel_snapshot(run)
     write_d4rl(tmp_path / "hopper.hdf5", n=60, obs_dim=11, act_dim=3)  # hopper's dims under a halfcheetah name
-    proc = rel_train(tmp_path / "new", "--steps", 5, dataset=tmp_path / "hopper.hdf5")
-    rel_check_refused(proc, run, before, tmp_path / "new", "'observations'", "(60, 11)", "(N, 17)", "HalfCheetah")
+    proc = rel_resume(run, tmp_path / "hopper.hdf5")
+    rel_check_refused(proc, run, before, None, "'observations'", "(60, 11)", "(N, 17)", "HalfCheetah")
 
 
 def test_reliability_nan_in_data(rel_run_dir, tmp_path):
@@ -1791,16 +2060,16 @@ def test_reliability_nan_in_data(rel_run_dir, tmp_path):
     rewards = np.zeros(180, np.float32)
     rewards[7], rewards[9] = np.nan, np.inf
     rel_tiny_dataset(tmp_path / "nan.hdf5", rewards=rewards)
-    proc = rel_train(tmp_path / "new", "--steps", 5, dataset=tmp_path / "nan.hdf5")
-    rel_check_refused(proc, run, before, tmp_path / "new", "'rewards'", "2 NaN/inf")
+    proc = rel_resume(run, tmp_path / "nan.hdf5")
+    rel_check_refused(proc, run, before, None, "'rewards'", "2 NaN/inf")
 
 
 def test_reliability_empty_dataset(rel_run_dir, tmp_path):
     run, _ = rel_run_dir
     before = rel_snapshot(run)
     write_d4rl(tmp_path / "empty.hdf5", n=0, obs_dim=17, act_dim=6)
-    proc = rel_train(tmp_path / "new", "--steps", 5, dataset=tmp_path / "empty.hdf5")
-    rel_check_refused(proc, run, before, tmp_path / "new", "empty", "0 transitions")
+    proc = rel_resume(run, tmp_path / "empty.hdf5")
+    rel_check_refused(proc, run, before, None, "empty", "0 transitions")
 
 
 def test_reliability_resume_other_env(rel_run_dir):
@@ -1833,15 +2102,22 @@ def test_reliability_cuda_without_cuda(rel_run_dir):
 
 
 def test_reliability_offline_download(rel_run_dir, tmp_path):
-    run, _ = rel_run_dir
+    """An existing run of a D4RL name whose file is not cached (a copy of the tiny run, relabelled), resumed
+    offline: the download fails in one line and the run directory stays byte-identical."""
+    info = data.get_info("halfcheetah-medium-v2")
+    run = tmp_path / "d4rl-run"
+    shutil.copytree(rel_run_dir[0], run)
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    ckpt["config"].update(env=info.name, dataset="")  # as if trained on the downloaded file
+    torch.save(ckpt, run / "checkpoint.pt")
+    (run / "config.json").write_text(json.dumps(ckpt["config"], indent=2))
     before = rel_snapshot(run)
     cache = tmp_path / "cache"
-    info = data.get_info("halfcheetah-medium-v2")
     t0 = time.time()
-    proc = rel_run(["train.py", "--env", info.name, "--out", tmp_path / "new"] + REL_TINY, timeout=60,
+    proc = rel_run(["train.py", "--env", info.name, "--out", run, "--resume", "--steps", 30] + REL_TINY, timeout=60,
                    D4RL_DATASET_DIR=str(cache))
     print(f"offline download failed after {time.time() - t0:.1f} s")
-    rel_check_refused(proc, run, before, tmp_path / "new", info.url, str(cache / info.filename), "--dataset")
+    rel_check_refused(proc, run, before, None, info.url, str(cache / info.filename), "--dataset")
     assert not cache.exists() or not any(cache.iterdir()), "a partial download was left in the cache"
 
 
@@ -1875,8 +2151,13 @@ def test_reliability_checkpoint_loads_weights_only(rel_run_dir, tmp_path):
 
 
 def test_reliability_kill_and_resume(rel_run_dir, tmp_path):
+    """SIGKILL a run after its first checkpoint, then SIGKILL a second checkpoint write halfway (a partial temp
+    file), then --resume: the old checkpoint is intact, metrics logged after it are dropped, and the final
+    weights, the EMA included, equal an uninterrupted run's bit for bit. --ema-start 4 makes the EMA average
+    before the first checkpoint (step 10 or later), so the resumed EMA must come from the checkpoint."""
     _, ds = rel_run_dir
-    steps, common = 400, ["--steps", "400", "--save-every", "10", "--log-every", "50", "--seed", "3"]
+    steps = 400
+    common = ["--steps", "400", "--save-every", "10", "--log-every", "50", "--seed", "3", "--ema-start", "4"]
     ref = rel_train(tmp_path / "ref", *common, dataset=ds)
     assert ref.returncode == 0, ref.stderr[-3000:]
 
@@ -1894,16 +2175,39 @@ def test_reliability_kill_and_resume(rel_run_dir, tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == -signal.SIGKILL, f"the run ended on its own (exit {proc.returncode}) before the kill"
-    killed_at = torch.load(out / "checkpoint.pt", weights_only=True)["step"]
+    ckpt_path = out / "checkpoint.pt"
+    killed_at = torch.load(ckpt_path, weights_only=True)["step"]
     print(f"killed after the checkpoint at step {killed_at} of {steps}")
     assert 0 < killed_at < steps
+
+    # a checkpoint write killed halfway (train.atomic_write over the existing file) leaves the old one loadable
+    saved = ckpt_path.read_bytes()
+    code = ("import os, signal, sys, train\n"
+            "def write(fh):\n"
+            "    fh.write(open(sys.argv[1], 'rb').read()[:2000])  # the first bytes of a checkpoint\n"
+            "    fh.flush()\n"
+            "    os.kill(os.getpid(), signal.SIGKILL)  # killed in the middle of the write\n"
+            "train.atomic_write(train.Path(sys.argv[1]), write)\n")
+    half = subprocess.run([sys.executable, "-c", code, str(ckpt_path)], cwd=REL_ROOT, env=env, capture_output=True)
+    assert half.returncode == -signal.SIGKILL, half.stderr[-2000:]
+    assert (out / "checkpoint.pt.tmp").is_file(), "the partial write never happened: this test could not fail"
+    assert ckpt_path.read_bytes() == saved and train.load_checkpoint(ckpt_path)["step"] == killed_at
+    # a metrics row logged after the checkpoint, before the kill, belongs to no run once we resume from it
+    with open(out / "metrics.jsonl", "a") as fh:
+        fh.write(json.dumps({"step": killed_at + 5, "loss": {"transformer": 1.0}, "lr": 0.0, "it_per_s": 1.0}) + "\n")
 
     res = rel_run(["train.py", "--env", REL_ENV, "--out", out, "--resume", "--dataset", ds] + REL_TINY + common)
     assert res.returncode == 0, res.stderr[-3000:]
     assert f"resuming from step {killed_at}" in res.stdout
+    assert not (out / "checkpoint.pt.tmp").exists()  # the next save replaced the partial file
+    steps_logged = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps_logged == [r["step"] for r in map(json.loads, (tmp_path / "ref" / "metrics.jsonl").read_text()
+                                                   .splitlines())] == list(range(50, 401, 50)), steps_logged
     a = torch.load(tmp_path / "ref" / "checkpoint.pt", weights_only=True)
     b = torch.load(out / "checkpoint.pt", weights_only=True)
     assert a["step"] == b["step"] == steps
+    w = "model.final.1.weight"  # the EMA averages: it is neither the denoiser nor a stale copy of it
+    assert not torch.equal(a["models"]["ema"][w], a["models"]["diffusion"][w])
     worst = 0.0
     for name, sd in a["models"].items():
         for k, v in sd.items():
@@ -1938,7 +2242,8 @@ def test_reliability_determinism(rel_run_dir, tmp_path):
 
 def test_reliability_torchrun_two_ranks(rel_run_dir, tmp_path):
     """Two gloo ranks: each writes its own final weights (TD_RANK_DUMP), which must be equal; their first
-    windows must differ (each rank draws its own data); only rank 0 logs, writes files and evaluates."""
+    windows and their torch streams (diffusion noise, dropout) must differ (each rank draws its own); only
+    rank 0 logs, writes files and evaluates. Catches: every rank seeded alike (Run.restore's `if rank:`)."""
     _, ds = rel_run_dir
     out, dump = tmp_path / "ddp", tmp_path / "dump"
     dump.mkdir()
@@ -1953,6 +2258,7 @@ def test_reliability_torchrun_two_ranks(rel_run_dir, tmp_path):
         for key, value in sd.items():
             assert torch.equal(value, r1["models"][name][key]), (name, key)  # the replicas stayed equal
     assert r0["first_windows"] != r1["first_windows"]  # the ranks drew different windows
+    assert not torch.equal(r0["torch_rng"], r1["torch_rng"])  # and draw different noise and dropout
     assert (r0["evaluations"], r1["evaluations"]) == (1, 0) and proc.stdout.count("[eval step 20]") == 1
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     for key, value in ckpt["models"]["transformer"].items():  # rank 0's checkpoint holds those weights

@@ -449,6 +449,7 @@ class Run:
         if rank:  # the checkpoint holds rank 0's streams; the other ranks take their own, per rank and step
             torch.manual_seed(cfg.seed + rank + world * step)
             data_gen.manual_seed(cfg.seed * 1000 + rank + world * step)
+        self.torch_rng = torch.get_rng_state()  # torchrun's test: the torch stream (noise, dropout) this rank starts
         if rank == 0 and step:  # metrics logged after the checkpoint we resume from belong to no run now
             path = self.out / "metrics.jsonl"
             rows = [line for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
@@ -517,9 +518,10 @@ class Run:
         self.log({"step": step, "eval": res})
 
     def finish(self, nets) -> Path:
-        if os.environ.get("TD_RANK_DUMP"):  # torchrun's test: each rank's weights, first windows and evaluations
+        if os.environ.get("TD_RANK_DUMP"):  # torchrun's test: each rank's weights, first windows, torch stream, evals
             torch.save({"models": {k: m.state_dict() for k, m in nets.items()}, "first_windows": self.first_windows,
-                        "evaluations": self.evaluations}, Path(os.environ["TD_RANK_DUMP"]) / f"rank{self.rank}.pt")
+                        "torch_rng": self.torch_rng, "evaluations": self.evaluations},
+                       Path(os.environ["TD_RANK_DUMP"]) / f"rank{self.rank}.pt")
         if self.rank == 0:
             from bench import plot_curves
             plot_curves(self.out / "metrics.jsonl", self.out / "curves.png")
