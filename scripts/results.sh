@@ -10,7 +10,7 @@ R=${R:-runs/results}; MIXED=${MIXED:-datasets/halfcheetah-mixed-bc.hdf5}
 mkdir -p "$OUT" "$R"
 GRAPH=""; [ "$DEVICE" = cuda ] && GRAPH="--cuda-graph"
 T="python3 train.py --env halfcheetah-medium-sb3 --device $DEVICE --threads 1 $GRAPH"
-P="python3 plan.py --device $DEVICE --threads 1 $GRAPH"
+P="python3 bench.py --device $DEVICE --threads 1 $GRAPH"  # bench.py evaluates like plan.py, with --cuda-graph
 [ -f "$MIXED" ] || python3 scripts/make_mixed_dataset.py --out "$MIXED" > "$OUT/mixed_dataset.log" 2>&1 &
 for s in 0 1 2; do
   extra=""; [ $s = 0 ] && extra="--eval-every $((STEPS / 4))"
@@ -25,7 +25,7 @@ for s in 0 1 2; do
   $P --checkpoint $R/s$s/checkpoint.pt --planner diffusion --episodes $DEP --json "$OUT/s${s}_diffusion.json" > /dev/null 2>&1 &
 done
 $P --checkpoint $R/s0/checkpoint.pt --no-refine-noise --episodes $EP --json "$OUT/abl_no_noise.json" > /dev/null 2>&1 &
-$P --checkpoint $R/s0/checkpoint.pt --candidates 32 --episodes $EP --json "$OUT/abl_candidates32.json" > /dev/null 2>&1 &
+$P --checkpoint $R/s0/checkpoint.pt --n-candidates 32 --episodes $EP --json "$OUT/abl_candidates32.json" > /dev/null 2>&1 &
 $P --checkpoint $R/nocausal/checkpoint.pt --episodes $EP --json "$OUT/abl_no_causal_td.json" > /dev/null 2>&1 &
 $P --checkpoint $R/nocausal/checkpoint.pt --planner transformer --episodes $EP --json "$OUT/abl_no_causal_transformer.json" > /dev/null 2>&1 &
 $P --checkpoint $R/s0/checkpoint.pt --sweep-k --ks 1,2,5,10,20 --episodes 10 --plot "$OUT/k_sweep.png" --json "$OUT/k_sweep.json" > "$OUT/k_sweep.log" 2>&1 &

@@ -29,7 +29,7 @@ phase2() {
     $P --checkpoint $R/s$s/checkpoint.pt --episodes $EP --json $OUT/s${s}_td_k5.json > /dev/null 2>&1 &
     $P --checkpoint $R/s$s/checkpoint.pt --planner diffusion --episodes $DEP --json $OUT/s${s}_diffusion.json > /dev/null 2>&1 &
   done
-  $P --checkpoint $R/s1/checkpoint.pt --candidates 32 --episodes $EP --json $OUT/abl_candidates32_s1.json > /dev/null 2>&1 &
+  $P --checkpoint $R/s1/checkpoint.pt --n-candidates 32 --episodes $EP --json $OUT/abl_candidates32_s1.json > /dev/null 2>&1 &
   $P --checkpoint $R/nocausal/checkpoint.pt --episodes $EP --json $OUT/abl_no_causal_td.json > /dev/null 2>&1 &
   $P --checkpoint $R/nocausal/checkpoint.pt --planner transformer --episodes $EP --json $OUT/abl_no_causal_transformer.json > /dev/null 2>&1 &
   $P --checkpoint $R/mixed/checkpoint.pt --episodes $EP --json $OUT/mixed_td.json > /dev/null 2>&1 &
