@@ -265,21 +265,27 @@ class GaussianDiffusion(nn.Module):
 
     # ------------------------------------------------------------------ training
 
-    def loss(self, x0, returns):
-        """MSE of the network output against its target (eps: DDPM Eq. 14 / Alg. 1; v: Salimans & Ho Sec. 4),
-        with condition dropout for guidance.
-
-        t, the noise and the dropout mask come from torch's global RNG, so a checkpointed RNG state
-        reproduces them. The first state is inpainted: kept clean in x_t and left out of the loss.
-        DEVIATION: Decision Diffuser's loss also covers the first state, where the target noise was
-        never added; that term only teaches the net to predict noise it cannot see.
-        """
+    def training_draws(self, x0):
+        """The random numbers of one loss evaluation on x0 (B, H, S), from torch's global RNG (so a checkpointed
+        RNG state reproduces them): timesteps t (B,), noise (B, H, S) and the condition mask use_cond (B,),
+        1 w.p. 1 - cond_drop_prob."""
         B = x0.shape[0]
         t = torch.randint(0, self.n_timesteps, (B,), device=x0.device)
         noise = torch.randn_like(x0)
+        use_cond = (torch.rand(B, device=x0.device) >= self.cond_drop_prob).to(x0.dtype)
+        return t, noise, use_cond
+
+    def loss(self, x0, returns, draws=None):
+        """MSE of the network output against its target (eps: DDPM Eq. 14 / Alg. 1; v: Salimans & Ho Sec. 4),
+        with condition dropout for guidance. draws: (t, noise, use_cond) from training_draws, drawn here if None.
+
+        The first state is inpainted: kept clean in x_t and left out of the loss.
+        DEVIATION: Decision Diffuser's loss also covers the first state, where the target noise was
+        never added; that term only teaches the net to predict noise it cannot see.
+        """
+        t, noise, use_cond = self.training_draws(x0) if draws is None else draws
         x_t = self.q_sample(x0, t, noise)
         x_t[:, 0] = x0[:, 0]  # inpaint the current state
-        use_cond = (torch.rand(B, device=x0.device) >= self.cond_drop_prob).to(x0.dtype)  # 1 w.p. 1 - p
         out = self.model(x_t, t, returns, use_cond)
         target = noise if self.prediction == "eps" else (
             _at(self.sqrt_alphas_cumprod, t, x0) * noise - _at(self.sqrt_one_minus_alphas_cumprod, t, x0) * x0)  # v

@@ -1895,7 +1895,7 @@ def test_glue_train_step_losses_get_masks_and_first_condition(recorded_train):
         states, rtg, mask = tf
         assert torch.equal(states, batch["states"]) and torch.equal(rtg, batch["rtg"])
         assert mask is not None and torch.equal(mask, batch["mask"]), "transformer loss without the mask"
-        x0, cond = diff
+        x0, cond = diff[:2]
         assert torch.equal(x0, batch["states"][:, :H])
         assert not torch.equal(batch["cond_rtg"][:, 0], batch["cond_rtg"][:, H - 1])  # first and last differ
         assert torch.allclose(cond, batch["cond_rtg"][:, 0] / cond_scale), "denoiser not on the first return"
@@ -1915,6 +1915,56 @@ def test_glue_lr_schedule_closed_form(recorded_train):
     assert [s for s, _ in got] == [1, 2, 3]
     for (_, g), (_, w) in zip(got, want):
         assert g == pytest.approx(w, rel=1e-6), (got, want)
+
+
+@pytest.mark.parametrize("concurrent", [False, True])
+def test_glue_fused_step_equals_per_network_steps(tmp_path, concurrent):
+    """One optimizer with a group per network, and one backward per part (run concurrently on a CPU with 2
+    threads, or one after the other), give the losses of four optimizers and four backward passes, one per
+    network (the official step), over 5 steps to float tolerance."""
+    from diffusion import GaussianDiffusion as GD
+    f = cheetah_file(tmp_path / "tiny.hdf5")
+    given = {"env": "halfcheetah-medium-sb3", "dataset": str(f), "out": str(tmp_path / "run"), "steps": 5,
+             "log_every": 1, "eval_episodes": 0, "horizon": 4, "context": 3, "batch_size": 8, "use_critic": True,
+             "n_candidates": 1, "tf_half_dim": 8, "tf_layers": 1, "tf_heads": 2, "tf_ffn": 16, "unet_dim": 8,
+             "unet_mults": "1,2", "invdyn_hidden": 16, "critic_hidden": 16, "n_timesteps": 10, "threads": 2,
+             "device": "cpu", "concurrent": concurrent, "ema_start": 2, "seed": 3}
+    threads = torch.get_num_threads()
+    try:
+        out = train.train(given)
+        cfg = train.Config(**json.loads((out / "config.json").read_text()))
+        logged = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+        # the per-network reference, drawing random numbers in the same order as train.py
+        d = data.load(cfg.env, cfg.dataset, rtg_scale=cfg.rtg_scale, discount=cfg.discount,
+                      cond_discount=cfg.cond_discount)
+        sampler = data.WindowSampler(d, cfg.context + cfg.horizon - 1)
+        torch.manual_seed(cfg.seed)
+        nets = plan.build_networks(train.model_args(cfg, 17, 6, d.normalizer))
+        opts = {k: (torch.optim.AdamW(nets[k].parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+                    if k == "diffusion" else torch.optim.Adam(nets[k].parameters(), lr=cfg.lr, fused=True))
+                for k in ("transformer", "diffusion", "invdyn", "critic")}
+        scheds = {k: torch.optim.lr_scheduler.LambdaLR(o, train.lr_lambda(cfg)) for k, o in opts.items()}
+        gen = torch.Generator().manual_seed(cfg.seed * 1000)
+        for m in nets.values():
+            m.train()
+        for step in range(5):
+            batch = sampler.sample(cfg.batch_size, gen)
+            win = {k: v[:, :cfg.horizon] for k, v in batch.items() if v.dim() >= 2}
+            draws = GD.training_draws(nets["diffusion"], win["states"])
+            losses = {"transformer": nets["transformer"].loss(batch["states"], batch["rtg"], batch["mask"])[0],
+                      "diffusion": nets["diffusion"].loss(win["states"], win["cond_rtg"][:, 0] / cfg.cond_scale, draws),
+                      "invdyn": nets["invdyn"].loss(win["states"], win["next_states"], win["actions"], win["next_mask"]),
+                      "critic": nets["critic"].loss(win["states"], win["actions"], win["rtg"][..., 0], win["mask"])}
+            for k, loss in losses.items():
+                opts[k].zero_grad()
+                loss.backward()
+                opts[k].step()
+                scheds[k].step()
+            for k, v in losses.items():
+                assert logged[step][k] == pytest.approx(float(v), rel=1e-4, abs=1e-6), (step, k)
+    finally:
+        torch.set_num_threads(threads)
+        plan.set_fast_matmul(False)
 
 
 # ====================================================================================================

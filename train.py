@@ -39,7 +39,7 @@ import torch.nn as nn
 import data as D
 from data import UsageError
 from plan import (FORMAT_VERSION, PlanConfig, Planner, atomic_write, build_networks, evaluate, format_result,
-                  load_checkpoint, pick_device, set_threads, setting)
+                  load_checkpoint, pick_device, set_fast_matmul, set_threads, setting)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -79,6 +79,10 @@ class Config(PlanConfig):
     amp: bool = setting(False, "bf16 autocast for the training forward passes (CUDA only)")
     cuda_graph: bool = setting(False, "capture the whole training step as one CUDA graph and replay it "
                                       "(CUDA, 1 process; bench.CudaGraphed)")
+    concurrent: bool = setting(True, "CPU, one process, 2+ threads: the transformer's forward and backward run in a "
+                                     "second thread beside the other networks', half the threads each")
+    fast_matmul: bool = setting(True, "CPU: fp32 matrix products through oneDNN (torch.backends.mkldnn.matmul."
+                                      "fp32_precision = 'bf16', which allows bf16 inside; see README, Speed)")
     # --- data ---
     discount: float = setting(1.0, "transformer return-to-go discount (official: undiscounted; its --gamma is unused)")
     # DEVIATION: the official denoiser is conditioned on the same undiscounted return-to-go as the transformer.
@@ -317,24 +321,39 @@ def train(given: dict) -> Path:
     step, data_gen = run.restore(nets, optimizer, scheduler)  # step 0 and fresh seeds, or the checkpoint's
     run.announce(data, sampler, nets, step)
 
-    def train_step(batch: dict) -> dict:
-        """The four losses, one backward of their sum (the networks share no parameters, so each gets exactly
-        its own loss's gradient), one optimizer step. Returns the losses, detached."""
-        win = {k: v[:, :H] for k, v in batch.items() if v.dim() >= 2}  # (B, H, .) the first H steps
+    def transformer_loss(batch: dict) -> dict:
+        # L_tf = mean_t m_{t+1} (|s^_{t+1} - s_{t+1}|^2 + (R^_{t+1} - R_{t+1})^2), masked past the episode's end
+        return {"transformer": nets["transformer"].loss(batch["states"], batch["rtg"], batch["mask"])[0]}
+
+    def trajectory_losses(win: dict, draws) -> dict:
+        # L_diff = E_{t,eps} |f_theta(x_t, t, y) - v_t|^2 (eps: DDPM Eq. 14), on x = s_{0:H}, with the condition
+        # y = the discounted return-to-go at the window's first state, dropped w.p. cond_drop_prob
+        losses = {"diffusion": nets["diffusion"].loss(win["states"], win["cond_rtg"][:, 0] / cfg.cond_scale, draws),
+                  # L_inv = mean_t m_t |f(s_t, s_{t+1}) - a_t|^2, masked where s_{t+1} is unknown or padding
+                  "invdyn": nets["invdyn"].loss(win["states"], win["next_states"], win["actions"], win["next_mask"])}
+        if "critic" in nets:  # L_Q = mean_t m_t (Q(s_t, a_t) - R_t)^2, Monte-Carlo return-to-go, masked
+            losses["critic"] = nets["critic"].loss(win["states"], win["actions"], win["rtg"][..., 0], win["mask"])
+        return losses
+
+    def forward_backward(loss_fn, *args) -> dict:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda"):
-            losses = {
-                # L_tf = mean_t m_{t+1} (|s^_{t+1} - s_{t+1}|^2 + (R^_{t+1} - R_{t+1})^2), masked past the episode
-                "transformer": nets["transformer"].loss(batch["states"], batch["rtg"], batch["mask"])[0],
-                # L_diff = E_{t,eps} |f_theta(x_t, t, y) - v_t|^2 (eps: DDPM Eq. 14), on x = s_{0:H}, with the
-                # condition y = the discounted return-to-go at the window's first state, dropped w.p. 0.5
-                "diffusion": nets["diffusion"].loss(win["states"], win["cond_rtg"][:, 0] / cfg.cond_scale),
-                # L_inv = mean_t m_t |f(s_t, s_{t+1}) - a_t|^2, masked where s_{t+1} is unknown or padding
-                "invdyn": nets["invdyn"].loss(win["states"], win["next_states"], win["actions"], win["next_mask"]),
-            }
-            if "critic" in nets:  # L_Q = mean_t m_t (Q(s_t, a_t) - R_t)^2, Monte-Carlo return-to-go, masked
-                losses["critic"] = nets["critic"].loss(win["states"], win["actions"], win["rtg"][..., 0], win["mask"])
-        optimizer.zero_grad(set_to_none=True)
+            losses = loss_fn(*args)
         sum(losses.values()).backward()
+        return losses
+
+    def train_step(batch: dict) -> dict:
+        """The four losses, their backward and one optimizer step. The networks share no parameters, so the
+        backward of each part's sum gives every network exactly its own loss's gradient. Returns the losses."""
+        win = {k: v[:, :H] for k, v in batch.items() if v.dim() >= 2}  # (B, H, .) the window's first H steps
+        # the denoiser's t, noise and condition mask are drawn first, then the transformer's dropout: one RNG order
+        # whether or not the transformer runs in the worker thread (the only one that draws while both run)
+        draws = nets["diffusion"].training_draws(win["states"])
+        optimizer.zero_grad(set_to_none=True)
+        if run.pool is None:
+            losses = {**forward_backward(transformer_loss, batch), **forward_backward(trajectory_losses, win, draws)}
+        else:
+            future = run.pool.submit(forward_backward, transformer_loss, batch)
+            losses = {**forward_backward(trajectory_losses, win, draws), **future.result()}
         run.average_gradients(optimizer)  # torchrun: the mean over ranks
         if cfg.grad_clip > 0:
             for group in optimizer.param_groups:
@@ -411,6 +430,14 @@ class Run:
                 torch.cuda.set_device(self.device)
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
         self.threads = set_threads(cfg.threads, self.world if self.device.type == "cpu" else 1)
+        if self.device.type == "cpu":
+            set_fast_matmul(cfg.fast_matmul)
+        # the concurrent step: a worker thread for the transformer; each thread's kernels take half the threads
+        self.pool = None
+        if cfg.concurrent and self.device.type == "cpu" and self.world == 1 and self.threads >= 2:
+            from concurrent.futures import ThreadPoolExecutor
+            self.pool = ThreadPoolExecutor(1, thread_name_prefix="transformer")
+            torch.set_num_threads(self.threads // 2)
         self.out = check_run_dir(cfg)
         self.ckpt, self.first_windows, self.evaluations = None, None, 0
         if cfg.resume:  # the checkpoint's config wins, except this invocation's machine and the budget given now
@@ -424,7 +451,7 @@ class Run:
                                  f"use --env {old.env} or another --out")
             # always now: this machine and invocation; now if given, else the checkpoint's: the budget, the data
             # file and the evaluation simulator (which changes no weight), so that a --preset run resumes alike
-            now = {"resume", "device", "threads", "debug", "amp", "cuda_graph", "out"}
+            now = {"resume", "device", "threads", "debug", "amp", "cuda_graph", "out", "concurrent", "fast_matmul"}
             keep = {"steps", "eval_episodes", "eval_every", "save_every", "dataset", "log_every", "batch_envs",
                     "legacy_dynamics"}
             cfg = dataclasses.replace(old, **{k: v for k, v in dataclasses.asdict(cfg).items()
@@ -511,11 +538,13 @@ class Run:
             return
         self.evaluations += 1
         cfg = self.cfg
+        torch.set_num_threads(self.threads)  # planning is one thread of work: give it every thread
         planner = Planner(PlanConfig(**{f: getattr(cfg, f) for f in PlanConfig.__dataclass_fields__}), nets,
                           normalizer, self.device)
         res = evaluate(planner, cfg.env, cfg.eval_episodes, seed=cfg.eval_seed, batch_envs=cfg.batch_envs)
         print(f"[eval step {step}] {format_result(res)}")
         self.log({"step": step, "eval": res})
+        torch.set_num_threads(self.threads // 2 if self.pool else self.threads)
 
     def finish(self, nets) -> Path:
         if os.environ.get("TD_RANK_DUMP"):  # torchrun's test: each rank's weights, first windows, torch stream, evals
