@@ -28,7 +28,7 @@ import torch
 import data as D
 from data import UsageError
 from plan import (PlanConfig, Planner, add_planner_flags, atomic_write, build_networks, evaluate, format_result,
-                  load_checkpoint, pick_device, planner_from_args, set_threads)
+                  load_checkpoint, pick_device, planner_from_args, set_fast_matmul, set_threads)
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
@@ -555,6 +555,7 @@ def main(argv=None) -> int:
 
 def run(args) -> None:
     set_threads(args.threads)
+    set_fast_matmul(args.fast_matmul)
     ks = [int(k) for k in args.ks.split(",") if k]
     if args.benchmark:
         res = benchmark(args.checkpoint, args.device, args.decisions, args.reference_decisions, ks,

@@ -352,6 +352,8 @@ def add_planner_flags(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, default=None, action=argparse.BooleanOptionalAction, help=help_text)
         else:
             p.add_argument(flag, default=None, type={"int": int, "float": float}[str(f.type)], help=help_text)
+    p.add_argument("--fast-matmul", default=True, action=argparse.BooleanOptionalAction,
+                   help="CPU: fp32 matrix products through oneDNN (set_fast_matmul); --no-fast-matmul: strict fp32")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
 
 
@@ -382,6 +384,7 @@ def main(argv=None) -> int:
 
 def evaluate_cli(args) -> None:
     set_threads(args.threads)
+    set_fast_matmul(args.fast_matmul)
     planner = planner_from_args(args)
     res = evaluate(planner, planner.cfg.env, args.episodes, args.seed, args.batch_envs)
     for i, (r, s) in enumerate(zip(res["returns"], res["normalized_scores"])):
