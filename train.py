@@ -489,7 +489,8 @@ class Run:
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "config.json").write_text(json.dumps(dataclasses.asdict(self.cfg), indent=2))
         print(data.summary())
-        print(f"device {self.device} ({self.threads} CPU threads), world size {self.world}, "
+        step_kind = ", concurrent step (transformer in a second thread)" if self.pool else ""
+        print(f"device {self.device} ({self.threads} CPU threads{step_kind}), world size {self.world}, "
               f"windows: {len(sampler)} of {sampler.length} steps")
         for k, m in nets.items():
             if k != "ema":
