@@ -352,8 +352,9 @@ def add_planner_flags(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, default=None, action=argparse.BooleanOptionalAction, help=help_text)
         else:
             p.add_argument(flag, default=None, type={"int": int, "float": float}[str(f.type)], help=help_text)
-    p.add_argument("--fast-matmul", default=True, action=argparse.BooleanOptionalAction,
-                   help="CPU: fp32 matrix products through oneDNN (set_fast_matmul); --no-fast-matmul: strict fp32")
+    p.add_argument("--fast-matmul", default=False, action=argparse.BooleanOptionalAction,
+                   help="CPU: fp32 matrix products through oneDNN (set_fast_matmul); faster for training's large batches, "
+                        "slower for small planning batches (the default, off)")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
 
 

@@ -525,11 +525,11 @@ def test_diffusion_horizon_conv_equals_conv1d():
     from diffusion import HorizonConv1d
     torch.manual_seed(0)
     conv = HorizonConv1d(16, 24, 5, padding=2)
-    for H in (1, 2, 8):
-        x = torch.randn(3, 16, H, requires_grad=True)
+    for B, H in ((9, 1), (3, 1), (9, 2), (3, 8)):  # the product runs at H = 1 with 8 rows or more
+        x = torch.randn(B, 16, H, requires_grad=True)
         y = conv(x)
         ref = F.conv1d(x, conv.weight, conv.bias, padding=2)
-        assert y.shape == ref.shape == (3, 24, H)
+        assert y.shape == ref.shape == (B, 24, H)
         torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
         g_ours = torch.autograd.grad(y.square().sum(), (x, conv.weight))
         g_ref = torch.autograd.grad(ref.square().sum(), (x, conv.weight))
@@ -1637,6 +1637,14 @@ def test_speed_benchmark_tiny_has_every_row(tiny_run, tmp_path):
     assert {r["planner"] for r in rows if r["batch"] == 1} >= {"td-official", "dd-reference"}
     assert all(r["batch"] == 1 for r in rows if r["planner"] in ("td-official", "dd-reference"))
     assert "diffusion / td(k=5)" in p.stdout and "dd-reference / td-official" in p.stdout
+
+
+def test_cli_bench_video_png_strip(tiny_run, tmp_path):
+    """bench.py --video renders an episode offscreen (MUJOCO_GL=egl) and writes the 6-frame PNG strip."""
+    png = tmp_path / "strip.png"
+    p = run_script("bench.py", "--checkpoint", tiny_run["out"] / "checkpoint.pt", "--video", png, "--video-steps", 12,
+                   "--threads", "1")
+    assert png.is_file() and png.stat().st_size > 1000 and "12 frames" in p.stdout
 
 
 def test_plan_export_for_planning_acts_and_refuses_resume(tiny_run, tmp_path):
