@@ -79,6 +79,8 @@ class Config(PlanConfig):
     amp: bool = setting(False, "bf16 autocast for the training forward passes (CUDA only)")
     cuda_graph: bool = setting(False, "capture the whole training step as one CUDA graph and replay it "
                                       "(CUDA, 1 process; bench.CudaGraphed)")
+    compile: bool = setting(False, "torch.compile the losses (forward and backward fused by inductor); pair with "
+                                   "--cuda-graph on CUDA")
     concurrent: bool = setting(True, "CPU, one process, 2+ threads: the transformer's forward and backward run in a "
                                      "second thread beside the other networks', half the threads each")
     fast_matmul: bool = setting(True, "CPU: fp32 matrix products through oneDNN (torch.backends.mkldnn.matmul."
@@ -361,6 +363,8 @@ def train(given: dict) -> Path:
         optimizer.step()
         return {k: v.detach() for k, v in losses.items()}
 
+    if cfg.compile:  # inductor fuses each part's forward and backward; the hand-written code is what it compiles
+        transformer_loss, trajectory_losses = torch.compile(transformer_loss), torch.compile(trajectory_losses)
     if cfg.cuda_graph:
         from bench import CudaGraphed  # replays train_step as one CUDA graph (3 eager warm-up steps first)
         train_step = CudaGraphed(train_step, warmup=3)
@@ -451,7 +455,8 @@ class Run:
                                  f"use --env {old.env} or another --out")
             # always now: this machine and invocation; now if given, else the checkpoint's: the budget, the data
             # file and the evaluation simulator (which changes no weight), so that a --preset run resumes alike
-            now = {"resume", "device", "threads", "debug", "amp", "cuda_graph", "out", "concurrent", "fast_matmul"}
+            now = {"resume", "device", "threads", "debug", "amp", "cuda_graph", "compile", "out", "concurrent",
+               "fast_matmul"}
             keep = {"steps", "eval_episodes", "eval_every", "save_every", "dataset", "log_every", "batch_envs",
                     "legacy_dynamics"}
             cfg = dataclasses.replace(old, **{k: v for k, v in dataclasses.asdict(cfg).items()
