@@ -312,6 +312,8 @@ def train(given: dict) -> Path:
         data.normalizer = D.Normalizer.from_state_dict(run.ckpt["normalizer"])
     # One window of C + H - 1 steps per sample: the transformer reads all of it; the denoiser, inverse dynamics
     # and the critic read its first H steps (a window of H starting at the same place).
+    # DEVIATION: one gather per step where two independent draws were made; the H-windows keep their start
+    # distribution (every start of the longer window is a start of a shorter one) but now share the transformer's.
     sampler = D.WindowSampler(data, cfg.context + cfg.horizon - 1, device=device)
     H = cfg.horizon
 
@@ -373,7 +375,7 @@ def train(given: dict) -> Path:
     for m in nets.values():
         m.train()
     bar = tqdm(total=cfg.steps, initial=step, disable=run.rank > 0, dynamic_ncols=True, desc="train")
-    t0, s0, acc, n_acc = time.time(), step, {}, 0
+    t_log, s0, acc, n_acc = time.time(), step, {}, 0
     while step < cfg.steps:
         batch = sampler.sample(cfg.batch_size, data_gen)  # (B, C + H - 1, .) windows
         losses = train_step(batch)
@@ -386,7 +388,8 @@ def train(given: dict) -> Path:
         bar.update(1)
         if step % cfg.log_every == 0 or step == cfg.steps:
             row = {k: float(v) / n_acc for k, v in acc.items()}
-            acc, n_acc, ips = {}, 0, (step - s0) / max(1e-9, time.time() - t0)
+            ips = n_acc / max(1e-9, time.time() - t_log)  # it/s over the steps since the last row
+            acc, n_acc, t_log = {}, 0, time.time()
             if not all(math.isfinite(v) for v in row.values()):
                 run.save(step, nets, optimizer, scheduler, data.normalizer, data_gen, args)
                 raise UsageError(f"a loss became non-finite at step {step} ({row}); lower --lr or check the data")
