@@ -312,8 +312,9 @@ def train(given: dict) -> Path:
         data.normalizer = D.Normalizer.from_state_dict(run.ckpt["normalizer"])
     # One window of C + H - 1 steps per sample: the transformer reads all of it; the denoiser, inverse dynamics
     # and the critic read its first H steps (a window of H starting at the same place).
-    # DEVIATION: one gather per step where two independent draws were made; the H-windows keep their start
-    # distribution (every start of the longer window is a start of a shorter one) but now share the transformer's.
+    # DEVIATION: one gather per step where two independent draws were made. The H-windows now start where the
+    # longer windows can: in an episode that ends on a timeout, its last C - 1 H-window starts are no longer
+    # drawn (7 of 993 per 1000-step halfcheetah episode), and a step's denoiser windows share the transformer's.
     sampler = D.WindowSampler(data, cfg.context + cfg.horizon - 1, device=device)
     H = cfg.horizon
 
