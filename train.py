@@ -314,7 +314,7 @@ def train(given: dict) -> Path:
     # and the critic read its first H steps (a window of H starting at the same place).
     # DEVIATION: one gather per step where two independent draws were made. The H-windows now start where the
     # longer windows can: in an episode that ends on a timeout, its last C - 1 H-window starts are no longer
-    # drawn (7 of 993 per 1000-step halfcheetah episode), and a step's denoiser windows share the transformer's.
+    # drawn (6 of 993 per 1000-step halfcheetah episode, C = 7), and a step's denoiser windows share the transformer's.
     sampler = D.WindowSampler(data, cfg.context + cfg.horizon - 1, device=device)
     H = cfg.horizon
 
