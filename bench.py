@@ -26,9 +26,9 @@ import numpy as np
 import torch
 
 import data as D
-from data import UsageError
-from plan import (PlanConfig, Planner, add_planner_flags, atomic_write, build_networks, evaluate, format_result,
-                  load_checkpoint, pick_device, planner_from_args, set_fast_matmul, set_threads)
+from data import UsageError, atomic_write, pick_device, set_fast_matmul, set_threads
+from plan import (PlanConfig, Planner, add_planner_flags, build_networks, evaluate, format_result, load_checkpoint,
+                  planner_from_args)
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402

@@ -25,7 +25,6 @@ import argparse
 import copy
 import dataclasses
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -36,7 +35,7 @@ import torch
 import torch.nn as nn
 
 import data as D
-from data import UsageError
+from data import UsageError, pick_device, set_fast_matmul, set_threads
 from diffusion import GaussianDiffusion, TemporalUnet
 from inverse_dynamics import Critic, InverseDynamics, select_candidate
 from transformer import TrajectoryTransformer
@@ -76,7 +75,7 @@ class PlanConfig:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Networks from constructor arguments, checkpoints, devices
+# Networks from constructor arguments, and checkpoints
 # ----------------------------------------------------------------------------------------------------
 def build_networks(model_args: dict) -> dict[str, nn.Module]:
     """The networks named in model_args (a checkpoint's "model_args"), on the CPU, plus "ema", a frozen copy of
@@ -107,53 +106,6 @@ def load_checkpoint(path, map_location="cpu") -> dict:
         raise UsageError(f"checkpoint {path} has format version {version}, this code reads version "
                          f"{FORMAT_VERSION}; retrain it, or use the project version that wrote it")
     return ckpt
-
-
-def atomic_write(path: Path, write) -> None:
-    """Write a file so that a crash leaves the old one or the new one, never half: temp file, fsync, rename."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        write(fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda was asked for, but this machine has no CUDA device; use --device cpu or auto")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise UsageError("--device mps was asked for, but MPS is not available here; use --device cpu or auto")
-    if name not in ("cpu", "cuda", "mps"):
-        raise UsageError(f"unknown --device {name!r}; choose auto, cpu, cuda or mps")
-    return torch.device(name)
-
-
-def set_fast_matmul(on: bool = True) -> None:
-    """CPU fp32 matrix products through oneDNN rather than MKL. MKL takes its AVX2 path on the AMD CPUs these
-    numbers come from, oneDNN its AVX-512 one: a (896, 128) @ (128, 128) product took 265 us and 127 us (1 thread),
-    with results equal to fp32 up to summation order (1e-6 relative). The setting is torch's
-    mkldnn.matmul.fp32_precision = "bf16", which allows oneDNN to compute in bf16 where the CPU makes that faster
-    (AMX), like TF32 on GPUs: turn it off (--no-fast-matmul) for strict fp32.
-    DEVIATION: on by default for training on a CPU (train.Config.fast_matmul); planning keeps MKL, which was
-    faster for its small batches (transformer rollout 2.9 ms against 5.9 ms)."""
-    torch.backends.mkldnn.matmul.fp32_precision = "bf16" if on else "ieee"
-
-
-def set_threads(threads: int = 0, world_size: int = 1) -> int:
-    """Match torch's CPU pool to the cores this process may use. An oversubscribed pool (more threads than
-    free cores, e.g. two ranks each taking every core) was measured to slow a U-Net pass 100x."""
-    if threads <= 0:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        threads = max(1, cores // max(1, world_size))
-    torch.set_num_threads(threads)
-    return threads
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -1972,7 +1972,7 @@ def test_glue_fused_step_equals_per_network_steps(tmp_path, concurrent):
                 assert logged[step][k] == pytest.approx(float(v), rel=1e-4, abs=1e-6), (step, k)
     finally:
         torch.set_num_threads(threads)
-        plan.set_fast_matmul(False)
+        data.set_fast_matmul(False)
 
 
 # ====================================================================================================
@@ -2562,7 +2562,7 @@ def test_any_windows_terminal_absorbing_padded_and_masked(tmp_path):
     for k in range(len(b["start"])):
         st = int(b["start"][k])
         e = int(np.searchsorted(ends, st, side="right"))
-        end, first = int(ends[e]), int(ends[e] - lengths[e])
+        end = int(ends[e])
         n_real = min(L, end - st)
         pad = slice(n_real, L)
         assert b["mask"][k].tolist() == [1.0] * n_real + [0.0] * (L - n_real)

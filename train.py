@@ -37,9 +37,8 @@ import torch
 import torch.nn as nn
 
 import data as D
-from data import UsageError
-from plan import (FORMAT_VERSION, PlanConfig, Planner, atomic_write, build_networks, evaluate, format_result,
-                  load_checkpoint, pick_device, set_fast_matmul, set_threads, setting)
+from data import UsageError, atomic_write, pick_device, set_fast_matmul, set_threads
+from plan import FORMAT_VERSION, PlanConfig, Planner, build_networks, evaluate, format_result, load_checkpoint, setting
 
 
 # ----------------------------------------------------------------------------------------------------
