@@ -27,8 +27,8 @@ import torch
 
 import data as D
 from data import UsageError, atomic_write, pick_device, set_fast_matmul, set_threads
-from plan import (PlanConfig, Planner, add_planner_flags, build_networks, evaluate, format_result, load_checkpoint,
-                  planner_from_args)
+from plan import (PlanConfig, Planner, add_planner_flags, build_networks, evaluate, evaluate_cli, format_result,
+                  load_checkpoint, planner_from_args)
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
@@ -571,16 +571,18 @@ def run(args) -> None:
         print(f"wrote {export_for_planning(args.checkpoint, args.export)}")
         return
     else:
-        planner = planner_from_args(args)
-        if args.compile:
-            use_compile(planner)
-        if args.cuda_graph:
-            use_cuda_graphs(planner)
+        def prepare(planner: Planner) -> Planner:
+            if args.compile:
+                use_compile(planner)
+            if args.cuda_graph:
+                use_cuda_graphs(planner)
+            return planner
         if args.video:
+            planner = prepare(planner_from_args(args))
             render_video(planner, planner.cfg.env, args.video, args.seed, args.video_steps)
-            return
-        res = evaluate(planner, planner.cfg.env, args.episodes, args.seed, args.batch_envs)
-        print(format_result(res))
+        else:
+            evaluate_cli(args, prepare)  # plan.py's evaluation, with the planner compiled or graphed
+        return
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2))
         print(f"wrote {args.json}")

@@ -115,7 +115,7 @@ class Planner:
     """Turns observations into actions: reset(n_envs), then act(obs, reward) once per environment step.
     The history of (state, return-to-go) tokens lives on the device; decide() is the algorithm."""
 
-    def __init__(self, cfg: PlanConfig, nets: dict, normalizer, device="cpu", planner: str = "td", n_timesteps=None):
+    def __init__(self, cfg: PlanConfig, nets: dict, normalizer, device="cpu", planner: str = "td"):
         if planner not in ("td", "transformer", "diffusion"):
             raise UsageError(f"unknown planner {planner!r}; choose td, transformer or diffusion")
         self.cfg, self.device, self.planner = cfg, torch.device(device), planner
@@ -337,10 +337,13 @@ def main(argv=None) -> int:
     return D.run_cli(lambda: evaluate_cli(args), args.debug)
 
 
-def evaluate_cli(args) -> None:
+def evaluate_cli(args, prepare=None) -> None:
+    """Evaluate the checkpoint args name; prepare(planner), if given, wraps it first (bench.py: compile, graphs)."""
     set_threads(args.threads)
     set_fast_matmul(args.fast_matmul)
     planner = planner_from_args(args)
+    if prepare is not None:
+        prepare(planner)
     res = evaluate(planner, planner.cfg.env, args.episodes, args.seed, args.batch_envs)
     for i, (r, s) in enumerate(zip(res["returns"], res["normalized_scores"])):
         print(f"  episode {i} (seed {args.seed + i}): return {r:9.1f}  normalized "
