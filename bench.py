@@ -28,7 +28,7 @@ import torch
 import data as D
 from data import UsageError, atomic_write, pick_device, set_fast_matmul, set_threads
 from plan import (PlanConfig, Planner, add_planner_flags, build_networks, evaluate, evaluate_cli, format_result,
-                  load_checkpoint, planner_from_args)
+                  load_checkpoint, planner_from_args, planning_copy)
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
@@ -129,11 +129,8 @@ def plot_curves(metrics_path: Path, png: Path) -> None:
 
 
 def export_for_planning(src, dst) -> Path:
-    """A small checkpoint that can act but not resume: the config, model_args, normalizer and the networks
-    planning uses (transformer, EMA denoiser, inverse dynamics, critic), without optimizer, RNG or raw denoiser."""
-    ckpt = load_checkpoint(src)
-    slim = {k: v for k, v in ckpt.items() if k not in ("models", "optimizer", "scheduler", "rng")}
-    slim.update(models={k: v for k, v in ckpt["models"].items() if k != "diffusion"}, planning_only=True)
+    """plan.planning_copy of the checkpoint src, written to dst."""
+    slim = planning_copy(load_checkpoint(src))
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(dst, lambda fh: torch.save(slim, fh))

@@ -108,6 +108,14 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     return ckpt
 
 
+def planning_copy(ckpt: dict) -> dict:
+    """A checkpoint that can act but not resume: the config, model_args, normalizer and the networks planning
+    uses (transformer, EMA denoiser, inverse dynamics, critic), without optimizer, RNG or raw denoiser."""
+    slim = {k: v for k, v in ckpt.items() if k not in ("models", "optimizer", "scheduler", "rng")}
+    slim.update(models={k: v for k, v in ckpt["models"].items() if k != "diffusion"}, planning_only=True)
+    return slim
+
+
 # ----------------------------------------------------------------------------------------------------
 # The planner
 # ----------------------------------------------------------------------------------------------------

@@ -38,7 +38,8 @@ import torch.nn as nn
 
 import data as D
 from data import UsageError, atomic_write, pick_device, set_fast_matmul, set_threads
-from plan import FORMAT_VERSION, PlanConfig, Planner, build_networks, evaluate, format_result, load_checkpoint, setting
+from plan import (FORMAT_VERSION, PlanConfig, Planner, build_networks, evaluate, format_result, load_checkpoint,
+                  planning_copy, setting)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -71,6 +72,8 @@ class Config(PlanConfig):
     grad_clip: float = setting(0.0, "max gradient norm per network; 0 = off (official: off)")
     log_every: int = setting(100, "steps between metrics.jsonl lines")
     save_every: int = setting(10_000, "steps between checkpoints (one is always written at the end)")
+    keep_at: str = setting("", "comma-separated steps at which a planning-only copy is kept as keep/step<N>.pt "
+                               "(for a learning curve from one run, e.g. 5000,10000,20000,40000); '' = none")
     eval_every: int = setting(0, "steps between evaluations during training; 0 = only at the end")
     eval_episodes: int = setting(10, "evaluation episodes at the end (official 10); 0 skips evaluation")
     eval_seed: int = setting(100, "first evaluation episode's env seed (episodes use eval_seed + i)")
@@ -376,6 +379,7 @@ def train(given: dict) -> Path:
         m.train()
     bar = tqdm(total=cfg.steps, initial=step, disable=run.rank > 0, dynamic_ncols=True, desc="train")
     t_log, s0, acc, n_acc = time.time(), step, {}, 0
+    keep_at = keep_steps(cfg.keep_at)  # a checkpoint is saved there too, and a planning-only copy kept
     while step < cfg.steps:
         batch = sampler.sample(cfg.batch_size, data_gen)  # (B, C + H - 1, .) windows
         losses = train_step(batch)
@@ -395,7 +399,7 @@ def train(given: dict) -> Path:
                 raise UsageError(f"a loss became non-finite at step {step} ({row}); lower --lr or check the data")
             bar.set_postfix({k[:4]: f"{v:.3g}" for k, v in row.items()} | {"it/s": f"{ips:.0f}"})
             run.log({"step": step, "loss": row, "lr": float(scheduler.get_last_lr()[0]), "it_per_s": ips})
-        if step % cfg.save_every == 0 and step < cfg.steps:
+        if (step % cfg.save_every == 0 or step in keep_at) and step < cfg.steps:
             run.save(step, nets, optimizer, scheduler, data.normalizer, data_gen, args)
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps and cfg.eval_episodes:
             run.evaluate(nets, data.normalizer, step)
@@ -422,6 +426,7 @@ class Run:
         self.world, self.rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
         cfg = resolve_config(given)
         info = D.get_info(cfg.env)  # unknown names fail here, before anything is written
+        keep_steps(cfg.keep_at)
         if cfg.legacy_dynamics:
             from envs import LEGACY_BODY_INERTIA
             if info.env_id not in LEGACY_BODY_INERTIA:
@@ -461,7 +466,7 @@ class Run:
             now = {"resume", "device", "threads", "debug", "amp", "cuda_graph", "compile", "out", "concurrent",
                "fast_matmul"}
             keep = {"steps", "eval_episodes", "eval_every", "save_every", "dataset", "log_every", "batch_envs",
-                    "legacy_dynamics"}
+                    "legacy_dynamics", "keep_at"}
             cfg = dataclasses.replace(old, **{k: v for k, v in dataclasses.asdict(cfg).items()
                                               if k in now or (k in keep and k in given)})
         self.cfg = cfg
@@ -528,7 +533,8 @@ class Run:
                 fh.write(json.dumps(row) + "\n")
 
     def save(self, step, nets, optimizer, scheduler, normalizer, data_gen, args) -> None:
-        """checkpoint.pt, atomically (temp file, fsync, rename), loadable with weights_only=True."""
+        """checkpoint.pt, atomically (temp file, fsync, rename), loadable with weights_only=True; at a --keep-at
+        step also keep/step<N>.pt, a planning-only copy (plan.planning_copy) that later saves do not overwrite."""
         if self.rank:
             return
         rng = {"torch": torch.get_rng_state(), "data": data_gen.get_state()}
@@ -540,6 +546,9 @@ class Run:
                 "normalizer": normalizer.state_dict(), "rng": rng, "versions": {
                     "torch": str(torch.__version__), "python": platform.python_version(), "format": FORMAT_VERSION}}
         atomic_write(self.out / "checkpoint.pt", lambda fh: torch.save(ckpt, fh))
+        if step in keep_steps(self.cfg.keep_at):
+            (self.out / "keep").mkdir(exist_ok=True)
+            atomic_write(self.out / "keep" / f"step{step}.pt", lambda fh: torch.save(planning_copy(ckpt), fh))
 
     def evaluate(self, nets, normalizer, step: int) -> None:
         """Rank 0 plans cfg.eval_episodes episodes with the EMA denoiser and logs the score."""
@@ -571,6 +580,17 @@ class Run:
             dist.barrier()
             dist.destroy_process_group()
         return self.out
+
+
+def keep_steps(keep_at: str) -> set[int]:
+    """--keep-at "5000,10000" -> {5000, 10000}, with a one-line error for anything but positive integers."""
+    try:
+        steps = {int(x) for x in str(keep_at).split(",") if x.strip()}
+    except ValueError:
+        steps = {0}
+    if any(s <= 0 for s in steps):
+        raise UsageError(f"--keep-at {keep_at!r}: give positive step numbers separated by commas, e.g. 5000,10000")
+    return steps
 
 
 def check_run_dir(cfg: Config) -> Path:
