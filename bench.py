@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 import data as D
-from data import UsageError, atomic_write, pick_device, set_fast_matmul, set_threads
+from data import UsageError, atomic_write, pick_device, set_matmul_precision, set_threads
 from plan import (PlanConfig, Planner, add_planner_flags, build_networks, evaluate, evaluate_cli, format_result,
                   load_checkpoint, planner_from_args, planning_copy)
 
@@ -552,7 +552,7 @@ def main(argv=None) -> int:
 
 def run(args) -> None:
     set_threads(args.threads)
-    set_fast_matmul(args.fast_matmul)
+    set_matmul_precision(pick_device(args.device), args.reduced_precision, onednn=False)
     ks = [int(k) for k in args.ks.split(",") if k]
     if args.benchmark:
         res = benchmark(args.checkpoint, args.device, args.decisions, args.reference_decisions, ks,

@@ -683,15 +683,54 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def set_fast_matmul(on: bool = True) -> None:
-    """CPU fp32 matrix products through oneDNN rather than MKL. MKL takes its AVX2 path on the AMD CPUs these
-    numbers come from, oneDNN its AVX-512 one: a (896, 128) @ (128, 128) product took 265 us and 127 us (1 thread),
-    with results equal to fp32 up to summation order (1e-6 relative). The setting is torch's
-    mkldnn.matmul.fp32_precision = "bf16", which allows oneDNN to compute in bf16 where the CPU makes that faster
-    (AMX), like TF32 on GPUs: turn it off (--no-fast-matmul) for strict fp32.
-    DEVIATION: on by default for training on a CPU (train.Config.fast_matmul); planning keeps MKL, which was
-    faster for its small batches (transformer rollout 2.9 ms against 5.9 ms)."""
-    torch.backends.mkldnn.matmul.fp32_precision = "bf16" if on else "ieee"
+def matmul_probe_error() -> float:
+    """The largest relative error, against float64, of a few fp32 products of the shapes training makes, under
+    the current settings: about 2e-7 when they compute in fp32, about 2e-3 when they compute in bf16."""
+    g = torch.Generator().manual_seed(0)
+    errors = []
+    for m, k, n in ((896, 128, 128), (512, 32, 96), (64, 256, 17)):  # (B*L, D) @ (D, D') as in the nets
+        a, b, bias = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g), torch.randn(n, generator=g)
+        ref = a.double() @ b.double().T + bias.double()
+        for out in (a @ b.T + bias, torch.nn.functional.linear(a, b, bias)):  # matmul and addmm paths
+            errors.append(float((out.double() - ref).norm() / ref.norm()))
+    return max(errors)
+
+
+def set_matmul_precision(device: torch.device, reduced: bool = False, onednn: bool = True) -> str:
+    """Strict fp32 matrix products by default, on every machine; returns what they compute in, for the start-up
+    line ("matmul: ...").
+
+    CPU. torch sends fp32 products to MKL, or to oneDNN when mkldnn.matmul.fp32_precision = "bf16". On the AMD
+    EPYC CPUs measured here oneDNN's AVX-512 fp32 path is 2x faster than MKL's and exact (probe 2e-7), but
+    the same setting lets oneDNN compute in bf16 on CPUs with AMX (probe 2.3e-3 on an Intel Xeon). So the
+    oneDNN path is taken only where matmul_probe_error() shows it computes in fp32 (< 1e-5), else MKL. Before
+    the probe, ONEDNN_MAX_CPU_ISA defaults to AVX512_CORE_BF16, which keeps oneDNN off AMX (on the Intel
+    kind that brought the probe back to 4.9e-7); it acts only if no oneDNN primitive ran yet in this process.
+    onednn=False (planning: its small batches ran faster on MKL) keeps MKL. reduced=True allows bf16 inside
+    oneDNN's products; whether it computes in bf16 depends on the CPU, and the probe says which. On an Intel
+    CPU with AMX, also set ONEDNN_MAX_CPU_ISA=AVX512_CORE_AMX, or the default cap keeps it in fp32.
+    CUDA. Strict: TF32 off for matmuls and cuDNN convolutions (torch's own default lets convolutions use TF32).
+    reduced=True turns TF32 on for both (10-bit mantissa inputs, fp32 accumulation)."""
+    if device.type == "cuda":
+        mode = "tf32" if reduced else "ieee"
+        torch.backends.cuda.matmul.fp32_precision = mode
+        torch.backends.cudnn.conv.fp32_precision = mode
+        return "tf32 (reduced precision, --reduced-precision)" if reduced else "fp32 (TF32 off)"
+    if device.type != "cpu":
+        return "the device's default"
+    if not (onednn or reduced):
+        torch.backends.mkldnn.matmul.fp32_precision = "ieee"
+        return "fp32 (MKL)"
+    os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
+    torch.backends.mkldnn.matmul.fp32_precision = "bf16"  # products go to oneDNN, bf16 allowed inside
+    err = matmul_probe_error()
+    if reduced:
+        kind = "bf16" if err > 1e-5 else "bf16 allowed, computed in fp32 on this CPU"
+        return f"{kind} (oneDNN, --reduced-precision; probe error {err:.1e})"
+    if err < 1e-5:
+        return f"fp32 (oneDNN, probe error {err:.1e})"
+    torch.backends.mkldnn.matmul.fp32_precision = "ieee"  # oneDNN would compute in bf16 here: MKL, strict
+    return f"fp32 (MKL; oneDNN's path computed in bf16 on this CPU, probe error {err:.1e})"
 
 
 def set_threads(threads: int = 0, world_size: int = 1) -> int:

@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 
 import data as D
-from data import UsageError, pick_device, set_fast_matmul, set_threads
+from data import UsageError, pick_device, set_matmul_precision, set_threads
 from diffusion import GaussianDiffusion, TemporalUnet
 from inverse_dynamics import Critic, InverseDynamics, select_candidate
 from transformer import TrajectoryTransformer
@@ -314,9 +314,9 @@ def add_planner_flags(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, default=None, action=argparse.BooleanOptionalAction, help=help_text)
         else:
             p.add_argument(flag, default=None, type={"int": int, "float": float}[str(f.type)], help=help_text)
-    p.add_argument("--fast-matmul", default=False, action=argparse.BooleanOptionalAction,
-                   help="CPU: fp32 matrix products through oneDNN (set_fast_matmul); faster for training's large batches, "
-                        "slower for small planning batches (the default, off)")
+    p.add_argument("--reduced-precision", action="store_true",
+                   help="opt-in: bf16 inside oneDNN's CPU products where the CPU has bf16 units, TF32 on CUDA "
+                        "(default: strict fp32; data.set_matmul_precision)")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
 
 
@@ -348,7 +348,7 @@ def main(argv=None) -> int:
 def evaluate_cli(args, prepare=None) -> None:
     """Evaluate the checkpoint args name; prepare(planner), if given, wraps it first (bench.py: compile, graphs)."""
     set_threads(args.threads)
-    set_fast_matmul(args.fast_matmul)
+    print("matmul:", set_matmul_precision(pick_device(args.device), args.reduced_precision, onednn=False))
     planner = planner_from_args(args)
     if prepare is not None:
         prepare(planner)

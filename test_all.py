@@ -1408,6 +1408,54 @@ def tiny_run(tmp_path_factory):
     return {"file": f, "out": out, "stdout": p.stdout}
 
 
+def test_precision_default_is_strict_fp32(tiny_run, monkeypatch):
+    """The default training step uses no reduced precision: the start-up line says fp32, a product under the
+    default settings matches float64 to 1e-5, and where oneDNN's path would compute in bf16 (AMX) the choice
+    falls back to MKL's fp32 products."""
+    line = next(l for l in tiny_run["stdout"].splitlines() if "matmul:" in l)
+    assert "matmul: fp32" in line, line
+    assert train.Config().reduced_precision is False and train.Config().amp is False
+    cpu = torch.device("cpu")
+    try:
+        desc = data.set_matmul_precision(cpu)
+        assert desc.startswith("fp32"), desc
+        err = data.matmul_probe_error()
+        print(desc, f"probe error {err:.2e}")
+        assert err < 1e-5
+        monkeypatch.setattr(data, "matmul_probe_error", lambda: 2.3e-3)  # what an AMX CPU measured
+        desc = data.set_matmul_precision(cpu)
+        assert desc.startswith("fp32 (MKL") and torch.backends.mkldnn.matmul.fp32_precision == "ieee", desc
+        assert data.set_matmul_precision(cpu, reduced=True).startswith("bf16")
+    finally:
+        data.set_matmul_precision(cpu, onednn=False)
+
+
+def test_cli_keep_at_keeps_planning_copies(tmp_path):
+    """--keep-at keeps a planning-only copy at each asked-for step (later saves do not overwrite it), each
+    loads in plan.py and acts, and a bad list is refused with a one-line error before anything is written."""
+    f = cheetah_file(tmp_path / "tiny.hdf5")
+    out = tmp_path / "run"
+    run_script("train.py", "--env", "halfcheetah-medium-sb3", "--dataset", f, "--steps", "9", "--save-every", "100",
+               "--keep-at", "3,6,9", "--eval-episodes", "0", "--out", out, *TINY_FLAGS)
+    kept = sorted(p.name for p in (out / "keep").iterdir())
+    assert kept == ["step3.pt", "step6.pt", "step9.pt"], kept
+    weights = []
+    for name in kept:
+        ckpt = plan.load_checkpoint(out / "keep" / name)
+        assert ckpt["planning_only"] and ckpt["step"] == int(name[4:-3]) and "optimizer" not in ckpt
+        weights.append(ckpt["models"]["transformer"]["state_head.2.weight"].clone())
+        planner = plan.Planner.from_checkpoint(out / "keep" / name, device="cpu")
+        planner.reset(1)
+        a = planner.act(np.zeros((1, 17), np.float32))
+        assert a.shape == (1, 6) and np.all(np.abs(a) <= 1)
+    assert not torch.equal(weights[0], weights[1]) and not torch.equal(weights[1], weights[2])
+    final = plan.load_checkpoint(out / "checkpoint.pt")["models"]["transformer"]["state_head.2.weight"]
+    assert torch.equal(final, weights[2])
+    proc = run_script("train.py", "--env", "halfcheetah-medium-sb3", "--dataset", f, "--keep-at", "5k",
+                      "--out", tmp_path / "bad", check=False)
+    assert proc.returncode == 2 and "--keep-at" in proc.stderr and not (tmp_path / "bad").exists(), proc.stderr
+
+
 def test_cli_train_writes_run_directory(tiny_run):
     out = tiny_run["out"]
     assert (out / "checkpoint.pt").is_file() and (out / "config.json").is_file()
@@ -1972,7 +2020,7 @@ def test_glue_fused_step_equals_per_network_steps(tmp_path, concurrent):
                 assert logged[step][k] == pytest.approx(float(v), rel=1e-4, abs=1e-6), (step, k)
     finally:
         torch.set_num_threads(threads)
-        data.set_fast_matmul(False)
+        data.set_matmul_precision(torch.device("cpu"), onednn=False)
 
 
 # ====================================================================================================

@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 
 import data as D
-from data import UsageError, atomic_write, pick_device, set_fast_matmul, set_threads
+from data import UsageError, atomic_write, pick_device, set_matmul_precision, set_threads
 from plan import (FORMAT_VERSION, PlanConfig, Planner, build_networks, evaluate, format_result, load_checkpoint,
                   planning_copy, setting)
 
@@ -85,8 +85,9 @@ class Config(PlanConfig):
                                    "--cuda-graph on CUDA")
     concurrent: bool = setting(True, "CPU, one process, 2+ threads: the transformer's forward and backward run in a "
                                      "second thread beside the other networks', half the threads each")
-    fast_matmul: bool = setting(True, "CPU: fp32 matrix products through oneDNN (torch.backends.mkldnn.matmul."
-                                      "fp32_precision = 'bf16', which allows bf16 inside; see README, Speed)")
+    reduced_precision: bool = setting(False, "opt-in: bf16 inside oneDNN's CPU matrix products (computes in bf16 "
+                                             "only on CPUs with bf16 units, e.g. AMX), TF32 on CUDA; the start-up "
+                                             "line says what was measured. Default: strict fp32 everywhere")
     # --- data ---
     discount: float = setting(1.0, "transformer return-to-go discount (official: undiscounted; its --gamma is unused)")
     # DEVIATION: the official denoiser is conditioned on the same undiscounted return-to-go as the transformer.
@@ -442,8 +443,7 @@ class Run:
                 torch.cuda.set_device(self.device)
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
         self.threads = set_threads(cfg.threads, self.world if self.device.type == "cpu" else 1)
-        if self.device.type == "cpu":
-            set_fast_matmul(cfg.fast_matmul)
+        self.matmul = set_matmul_precision(self.device, cfg.reduced_precision)  # strict fp32 unless opted out
         # the concurrent step: a worker thread for the transformer; each thread's kernels take half the threads
         self.pool = None
         if cfg.concurrent and self.device.type == "cpu" and self.world == 1 and self.threads >= 2:
@@ -464,7 +464,7 @@ class Run:
             # always now: this machine and invocation; now if given, else the checkpoint's: the budget, the data
             # file and the evaluation simulator (which changes no weight), so that a --preset run resumes alike
             now = {"resume", "device", "threads", "debug", "amp", "cuda_graph", "compile", "out", "concurrent",
-               "fast_matmul"}
+                   "reduced_precision"}
             keep = {"steps", "eval_episodes", "eval_every", "save_every", "dataset", "log_every", "batch_envs",
                     "legacy_dynamics", "keep_at"}
             cfg = dataclasses.replace(old, **{k: v for k, v in dataclasses.asdict(cfg).items()
@@ -504,6 +504,7 @@ class Run:
         print(data.summary())
         step_kind = ", concurrent step (transformer in a second thread)" if self.pool else ""
         print(f"device {self.device} ({self.threads} CPU threads{step_kind}), world size {self.world}, "
+              f"matmul: {self.matmul}{', bf16 autocast' if self.cfg.amp else ''}, "
               f"windows: {len(sampler)} of {sampler.length} steps")
         for k, m in nets.items():
             if k != "ema":
@@ -557,14 +558,14 @@ class Run:
         self.evaluations += 1
         cfg = self.cfg
         torch.set_num_threads(self.threads)  # planning is one thread of work: give it every thread
-        set_fast_matmul(False)  # small planning batches run faster on MKL (README, Speed)
+        set_matmul_precision(self.device, cfg.reduced_precision, onednn=False)  # small planning batches: MKL
         planner = Planner(PlanConfig(**{f: getattr(cfg, f) for f in PlanConfig.__dataclass_fields__}), nets,
                           normalizer, self.device)
         res = evaluate(planner, cfg.env, cfg.eval_episodes, seed=cfg.eval_seed, batch_envs=cfg.batch_envs)
         print(f"[eval step {step}] {format_result(res)}")
         self.log({"step": step, "eval": res})
         torch.set_num_threads(self.threads // 2 if self.pool else self.threads)
-        set_fast_matmul(cfg.fast_matmul and self.device.type == "cpu")
+        set_matmul_precision(self.device, cfg.reduced_precision)
 
     def finish(self, nets) -> Path:
         if os.environ.get("TD_RANK_DUMP"):  # torchrun's test: each rank's weights, first windows, torch stream, evals
