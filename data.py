@@ -756,14 +756,60 @@ def atomic_write(path: pathlib.Path, write) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # Environments and the command line
 # ---------------------------------------------------------------------------------------------------------
-def make_env(name: str, seed=None, **kwargs):
-    """The evaluation environment for a dataset name (built by envs.py, imported only when needed)."""
+def legacy_by_default(name: str) -> bool:
+    """The dynamics a name evaluates in when nothing else decides: mujoco-py's for D4RL's locomotion files (they
+    were collected with it on MuJoCo 2.x), MuJoCo 3's for everything else."""
+    import envs
+
+    info = get_info(name)
+    return info.source == "d4rl" and info.family == "locomotion" and info.env_id in envs.LEGACY_BODY_INERTIA
+
+
+def choose_dynamics(data: OfflineData, n: int = 16) -> tuple[bool, str]:
+    """The simulator read off the data: legacy_dynamics, and why, in words for the start-up line.
+
+    A D4RL-layout file records infos/qpos and infos/qvel. From n recorded states inside episodes, one step with
+    the recorded action is simulated under mujoco-py's dynamics and under MuJoCo 3's; the one that reproduces
+    the recorded next observations is taken. Without those keys (or where neither reproduces them) the
+    name's default stays (legacy_by_default)."""
+    import envs
+
+    name, info = data.info.name, data.info
+    default = legacy_by_default(name)
+    if info.env_id not in envs.LEGACY_BODY_INERTIA:
+        return False, f"MuJoCo 3's ({info.env_id} has no legacy variant)"
+    try:
+        with h5py.File(data.path, "r") as f:
+            qpos, qvel = f["infos/qpos"][()], f["infos/qvel"][()]
+    except (OSError, KeyError, TypeError):
+        qpos = None
+    if qpos is None or len(qpos) != len(data.observations) or data.next_observations is None:
+        return default, (f"{'mujoco-py' if default else 'MuJoCo 3'}'s, the default for {name} (the data record no "
+                         f"infos/qpos, infos/qvel and next_observations to check it against)")
+    last = np.zeros(len(data.observations), bool)
+    last[data.episode_starts + data.episode_lengths - 1] = True  # the next state may be a reset or a fall
+    idx = np.flatnonzero(~last)
+    idx = idx[np.linspace(0, len(idx) - 1, n).astype(int)]
+    arrays = (qpos[idx], qvel[idx], data.actions[idx], data.next_observations[idx])
+    legacy, mujoco3 = (envs.one_step_error(info, *arrays, legacy_dynamics=x) for x in (True, False))
+    errors = f"one simulated step misses the recorded next state by {legacy:.1e} in mujoco-py's, {mujoco3:.1e} in " \
+             f"MuJoCo 3's dynamics"
+    if min(legacy, mujoco3) > 1e-3 or max(legacy, mujoco3) < 10 * min(legacy, mujoco3):
+        return default, f"{'mujoco-py' if default else 'MuJoCo 3'}'s, the default for {name} ({errors}: undecided)"
+    return legacy < mujoco3, f"{'mujoco-py' if legacy < mujoco3 else 'MuJoCo 3'}'s, read off the data ({errors})"
+
+
+def make_env(name: str, seed=None, legacy_dynamics: bool | None = None, **kwargs):
+    """The evaluation environment for a dataset name (built by envs.py, imported only when needed), in the
+    name's default dynamics (legacy_by_default) unless legacy_dynamics says otherwise."""
     import envs
 
     info = get_info(name)
     if info.family == "minari" and info.env_spec is None:
         raise UsageError(f"{name} records no environment spec, so it cannot be evaluated; train with --eval-episodes 0")
-    return envs.make_env(info, seed=seed, **kwargs)
+    if legacy_dynamics is None:
+        legacy_dynamics = legacy_by_default(name)
+    return envs.make_env(info, seed=seed, legacy_dynamics=legacy_dynamics, **kwargs)
 
 
 def main(argv=None) -> int:

@@ -296,6 +296,23 @@ class KitchenObservation(gym.Wrapper):
 
 # ----------------------------------------------------------------------------- legacy dynamics
 
+def one_step_error(info, qpos, qvel, actions, next_obs, legacy_dynamics: bool) -> float:
+    """Set the environment to recorded states (qpos, qvel: (N, nq), (N, nv)), take one step with the recorded
+    actions (N, A) and return the largest |simulated - recorded| next observation (N, S), in the given dynamics.
+    The dynamics a file came from reproduce it to float32 round-off; the other ones miss by far more."""
+    env = make_env(info, seed=0, legacy_dynamics=legacy_dynamics)
+    env.reset(seed=0)
+    u = env.unwrapped
+    err = 0.0
+    for q, v, a, o in zip(qpos, qvel, actions, next_obs):
+        u.set_state(np.asarray(q, np.float64), np.asarray(v, np.float64))
+        obs = env.step(np.asarray(a, np.float64))[0]
+        err = max(err, float(np.abs(obs - o).max()))
+    env.close()
+    return err
+
+
+
 def set_legacy_dynamics(model, data, env_id):
     """Write LEGACY_BODY_INERTIA[env_id], LEGACY_MARGIN_SCALE and LEGACY_SOLVER_TOLERANCE into a compiled
     MjModel, then recompute what depends on them.

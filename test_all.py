@@ -1133,7 +1133,7 @@ def _old_capsule_model(xml_path):
 @pytest.mark.parametrize("name,heavier", [("halfcheetah-medium-v2", 0.0), ("hopper-medium-v2", 0.036),
                                           ("walker2d-medium-v2", 0.043)])
 def test_envs_legacy_dynamics(name, heavier):
-    new = data.make_env(name).unwrapped
+    new = data.make_env(name, legacy_dynamics=False).unwrapped
     env = data.make_env(name, legacy_dynamics=True)
     m = env.unwrapped.model
     table = envs.LEGACY_BODY_INERTIA[data.DATASETS[name].env_id]
@@ -1530,15 +1530,19 @@ def test_cli_config_precedence():
     assert quick.target_return == 0 and quick.steps < 100_000  # CPU-sized; the target is read off the data
 
 
-def test_cli_config_legacy_dynamics_resolves_per_dataset(tmp_path):
-    """On for D4RL's own locomotion names (their data came from mujoco-py on MuJoCo 2.x), off for every other
-    name, the bundled stand-ins (collected on MuJoCo 3) included, with or without --dataset; a flag wins."""
+def test_cli_config_legacy_dynamics_one_default_per_name(tmp_path):
+    """One default per name, everywhere: on for D4RL's own locomotion names (their data came from mujoco-py on
+    MuJoCo 2.x), off for every other name; data.make_env builds the same dynamics as train.py and plan.py."""
+    import envs
     for name, info in data.DATASETS.items():
         want = info.source == "d4rl" and info.family == "locomotion"
-        assert train.resolve_config({"env": name}).legacy_dynamics is want, name
-        assert train.resolve_config({"env": name, "dataset": str(tmp_path / "x.hdf5")}).legacy_dynamics is want, name
+        assert data.legacy_by_default(name) is want, name
+    for name in ("hopper-medium-v2", "hopper-medium-sb3"):
+        env = data.make_env(name)
+        mass = env.unwrapped.model.body_mass[1:].sum()
+        legacy = sum(m for m, *_ in envs.LEGACY_BODY_INERTIA["Hopper-v4"].values())
+        assert bool(abs(mass - legacy) < 1e-9) is data.legacy_by_default(name), (name, mass, legacy)
     parse = lambda *argv: train.resolve_config(vars(train.build_parser().parse_args(list(argv))))  # noqa: E731
-    assert parse("--env", "walker2d-medium-v2").legacy_dynamics is True
     assert parse("--env", "walker2d-medium-v2", "--no-legacy-dynamics").legacy_dynamics is False
     assert parse("--env", "halfcheetah-medium-sb3", "--legacy-dynamics").legacy_dynamics is True
     # a flag the environment cannot honour fails at start-up, before the run directory exists
@@ -1546,6 +1550,59 @@ def test_cli_config_legacy_dynamics_resolves_per_dataset(tmp_path):
     with pytest.raises(train.UsageError, match="legacy-dynamics covers") as err:
         train.train({"env": "pen-human-v1", "legacy_dynamics": True, "out": str(out)})
     assert "\n" not in str(err.value) and not out.exists()
+
+
+def hopper_rollout_file(path, legacy: bool | None, steps=40):
+    """A Hopper D4RL-layout file of one random-action rollout simulated in the given dynamics, with
+    infos/qpos and infos/qvel (legacy=None: the same file without them)."""
+    import envs
+    env = envs.make_env(data.get_info("hopper-medium-v2"), seed=0, legacy_dynamics=bool(legacy))
+    obs, _ = env.reset(seed=0)
+    rng = np.random.default_rng(0)
+    rows = {k: [] for k in ("observations", "actions", "next_observations", "rewards", "qpos", "qvel")}
+    for _ in range(steps):
+        u = env.unwrapped
+        a = rng.uniform(-0.3, 0.3, 3)
+        rows["qpos"].append(u.data.qpos.copy()), rows["qvel"].append(u.data.qvel.copy())
+        nxt, r, term, trunc, _ = env.step(a)
+        for k, v in (("observations", obs), ("actions", a), ("next_observations", nxt), ("rewards", r)):
+            rows[k].append(v)
+        obs = nxt
+        if term:
+            break
+    n = len(rows["rewards"])
+    arrays = {k: np.asarray(v, np.float32) for k, v in rows.items() if k not in ("qpos", "qvel")}
+    arrays.update(terminals=np.zeros(n, bool), timeouts=flags(n, [n - 1]))
+    with h5py.File(path, "w") as f:
+        for k, v in arrays.items():
+            f.create_dataset(k, data=v)
+        if legacy is not None:
+            f.create_dataset("infos/qpos", data=np.asarray(rows["qpos"], np.float32))
+            f.create_dataset("infos/qvel", data=np.asarray(rows["qvel"], np.float32))
+    return path
+
+
+def test_data_dynamics_read_off_the_data(tmp_path):
+    """The evaluation's simulator is the one that reproduces the data's recorded steps: mujoco-py's for a file
+    simulated in it, MuJoCo 3's for one collected on MuJoCo 3, whatever the name; without infos/qpos the
+    name's default stays, and the reason says so. Training records the choice and prints it."""
+    for legacy in (True, False):
+        d = data.load("hopper-medium-v2", hopper_rollout_file(tmp_path / f"{legacy}.hdf5", legacy))
+        got, why = data.choose_dynamics(d)
+        print(legacy, why)
+        assert got is legacy and "read off the data" in why
+    d = data.load("hopper-medium-v2", hopper_rollout_file(tmp_path / "none.hdf5", None))
+    got, why = data.choose_dynamics(d)
+    assert got is True and "default" in why and "infos/qpos" in why, why
+    # the README's example: MuJoCo-3 data under a D4RL name trains and evaluates in MuJoCo 3's dynamics
+    for name, want in (("False", False), ("none", True)):
+        out = tmp_path / f"run-{name}"
+        p = run_script("train.py", "--env", "hopper-medium-v2", "--dataset", tmp_path / f"{name}.hdf5", "--preset",
+                       "cpu", "--steps", "2", "--eval-episodes", "0", "--out", out, *TINY_FLAGS)
+        assert json.loads((out / "config.json").read_text())["legacy_dynamics"] is want
+        line = next(l for l in p.stdout.splitlines() if l.startswith("evaluation dynamics:"))
+        print(line)
+        assert ("read off the data" in line) is (name != "none"), line
 
 
 def test_cli_legacy_dynamics_kept_by_resume_and_plan(tiny_run, tmp_path, monkeypatch):
@@ -2766,3 +2823,54 @@ def test_any_walker2d_h32_trains_and_plans(tmp_path):
         a = planner.act(obs, reward)
         assert a.shape == (6,) and np.all(np.abs(a) <= 1) and np.all(np.isfinite(a))
         obs, reward, *_ = env.step(a)
+
+
+# ---- walkthrough ----
+WALKTHROUGH = pathlib.Path(__file__).resolve().parent / "docs" / "walkthrough.md"
+
+
+def _walkthrough_blocks(tag):
+    """[(argument, code, line)] for every ```python block of docs/walkthrough.md introduced by the line
+    `<!-- tag -->` or `<!-- tag: argument -->`; line is the 1-based line of the fence's first code line."""
+    import re
+    text = WALKTHROUGH.read_text()
+    pattern = re.compile(r"^<!-- " + tag + r"(?::\s*(\S+))?\s*-->\n```python\n(.*?)^```\s*$", re.M | re.S)
+    return [(m.group(1), m.group(2), text.count("\n", 0, m.start(2)) + 1) for m in pattern.finditer(text)]
+
+
+def test_walkthrough_quotes_are_verbatim():
+    """Each `<!-- quote: FILE -->` block is a contiguous, verbatim run of whole lines of FILE."""
+    root = WALKTHROUGH.parent.parent
+    quotes = _walkthrough_blocks("quote")
+    assert len(quotes) >= 10, f"expected at least 10 quotes in {WALKTHROUGH}, found {len(quotes)}"
+    for name, code, line in quotes:
+        assert name, f"walkthrough.md:{line}: a quote block must name its file, <!-- quote: FILE -->"
+        src = root / name
+        assert src.is_file() and root in src.resolve().parents, f"walkthrough.md:{line}: {name} is not a file here"
+        source = src.read_text()
+        if "\n" + code in "\n" + source:  # whole lines, in order, nothing between them
+            continue
+        src_lines = set(source.splitlines())
+        missing = next(((i, ln) for i, ln in enumerate(code.splitlines()) if ln not in src_lines), None)
+        if missing is not None:
+            raise AssertionError(f"walkthrough.md:{line + missing[0]}: this quoted line is not in {name}:\n"
+                                 f"    {missing[1]!r}")
+        raise AssertionError(f"walkthrough.md:{line}: every line of this quote is in {name}, but not as one "
+                             f"contiguous block (lines added, dropped or reordered)")
+
+
+def test_walkthrough_snippets_run(monkeypatch):
+    """Each `<!-- run -->` block runs from the repository root, in a fresh namespace, on one thread."""
+    snippets = _walkthrough_blocks("run")
+    assert len(snippets) >= 3, f"expected at least 3 runnable snippets in {WALKTHROUGH}, found {len(snippets)}"
+    monkeypatch.chdir(WALKTHROUGH.parent.parent)
+    t0 = time.perf_counter()
+    with torch.random.fork_rng():  # the snippets seed torch; keep the suite's RNG as it was
+        for i, (_, code, line) in enumerate(snippets):
+            torch.set_num_threads(1)
+            padded = "\n" * (line - 1) + code  # tracebacks then name the doc's own line numbers
+            exec(compile(padded, str(WALKTHROUGH), "exec"), {"__name__": f"walkthrough_snippet_{i}"})
+    elapsed = time.perf_counter() - t0
+    torch.set_num_threads(1)
+    print(f"{len(snippets)} walkthrough snippets ran in {elapsed:.1f} s")
+    assert elapsed < 30, f"the walkthrough's snippets took {elapsed:.1f} s; keep them under 30 s on one thread"

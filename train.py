@@ -133,12 +133,8 @@ def _build_env_table() -> dict[str, dict]:
         # random and expert are not in the official table: they take medium's H, k, w; expert conditions
         # on medium-expert's target (its data reach it), random on medium's (above all of its data).
         targets = dict(targets, expert=targets["medium-expert"], random=targets["medium"])
-        for quality, target in targets.items():
-            # legacy_dynamics: D4RL's locomotion files were collected in mujoco-py on MuJoCo 2.x, so their
-            # names evaluate in that simulator's dynamics (envs.LEGACY_BODY_INERTIA). Bundled stand-ins (-sb3)
-            # were collected on MuJoCo 3 and keep today's, also when --dataset points elsewhere.
-            table[f"{env}-{quality}-v2"] = dict(horizon=h, refine_steps=k, guidance=w, target_return=target, lr=2e-4,
-                                                legacy_dynamics=True)
+        for quality, target in targets.items():  # the evaluation's dynamics are read off the data (train())
+            table[f"{env}-{quality}-v2"] = dict(horizon=h, refine_steps=k, guidance=w, target_return=target, lr=2e-4)
     for task, (h, k, w, target) in _ADROIT.items():
         for quality in ("human", "cloned", "expert"):
             table[f"{task}-{quality}-v1"] = dict(horizon=h, refine_steps=k, guidance=w, target_return=target, lr=1e-4)
@@ -313,6 +309,8 @@ def train(given: dict) -> Path:
         cfg.cond_scale = float(np.abs(data.cond_rtg).max()) or 1.0
     if run.ckpt is not None:  # the checkpoint's normalizer, not a refit
         data.normalizer = D.Normalizer.from_state_dict(run.ckpt["normalizer"])
+    elif "legacy_dynamics" not in given:  # the simulator the data came from: mujoco-py's or MuJoCo 3's
+        cfg.legacy_dynamics, run.dynamics = D.choose_dynamics(data)
     # One window of C + H - 1 steps per sample: the transformer reads all of it; the denoiser, inverse dynamics
     # and the critic read its first H steps (a window of H starting at the same place).
     # DEVIATION: one gather per step where two independent draws were made. The H-windows now start where the
@@ -470,6 +468,8 @@ class Run:
             cfg = dataclasses.replace(old, **{k: v for k, v in dataclasses.asdict(cfg).items()
                                               if k in now or (k in keep and k in given)})
         self.cfg = cfg
+        flag = f"--{'' if cfg.legacy_dynamics else 'no-'}legacy-dynamics"  # train() reads it off the data if not given
+        self.dynamics = f"{'mujoco-py' if cfg.legacy_dynamics else 'MuJoCo 3'}'s ({'resumed' if cfg.resume else flag})"
 
     def restore(self, nets, optimizer, scheduler) -> tuple[int, torch.Generator]:
         """The step to start from and the data-order generator: fresh, or the checkpoint's states. Each rank
@@ -509,6 +509,7 @@ class Run:
         for k, m in nets.items():
             if k != "ema":
                 print(f"  {k:12s} {sum(p.numel() for p in m.parameters()) / 1e6:7.3f} M parameters")
+        print(f"evaluation dynamics: {self.dynamics}")
         print("config:", json.dumps(dataclasses.asdict(self.cfg)))
         if step:
             print(f"resuming from step {step}")
