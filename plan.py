@@ -244,11 +244,18 @@ class Planner:
 def evaluate(planner: Planner, env_name: str, episodes: int, seed: int = 100, batch_envs: int = 10,
              progress: bool = True, seeds=None) -> dict:
     """Episode i resets with env seed seed + i (or seeds[i]); batch_envs episodes are planned together.
-    An environment that terminates stops being stepped; its later actions and rewards are dropped."""
+    An environment that terminates stops being stepped; its later actions and rewards are dropped.
+    The diffusion noise and the candidate choice come from torch's generator seeded with `seed`, on a fork of
+    its state: the caller's stream (a training run's noise and dropout) continues as if nothing had drawn."""
+    with torch.random.fork_rng(devices=[planner.device] if planner.device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        return _evaluate(planner, env_name, episodes, seed, batch_envs, progress, seeds)
+
+
+def _evaluate(planner, env_name, episodes, seed, batch_envs, progress, seeds) -> dict:
     from tqdm import tqdm
 
-    torch.manual_seed(seed)  # the diffusion noise and the candidate choice
-    returns, plan_s, decisions = [], 0.0, 0
+    returns, plan_s, calls, decisions = [], 0.0, 0, 0
     info = D.get_info(env_name)
     bar = tqdm(total=episodes * info.max_episode_steps, desc=f"eval {planner.planner}", disable=not progress,
                dynamic_ncols=True, unit="step")
@@ -265,7 +272,7 @@ def evaluate(planner: Planner, env_name: str, episodes: int, seed: int = 100, ba
             actions = planner.act(obs, reward)
             plan_s += time.perf_counter() - t0
             active = int((~done).sum())
-            decisions += active
+            calls, decisions = calls + 1, decisions + active
             reward = np.zeros(n)
             for i, env in enumerate(envs):
                 if done[i]:
@@ -286,7 +293,9 @@ def evaluate(planner: Planner, env_name: str, episodes: int, seed: int = 100, ba
             "return_mean": float(np.mean(returns)), "return_std": float(np.std(returns)),
             "normalized_score_mean": float(np.mean(scores)) if scored else None,
             "normalized_score_std": float(np.std(scores)) if scored else None,
-            "ms_per_decision": 1000.0 * plan_s / max(1, decisions), "returns": returns, "normalized_scores": scores}
+            # one call plans every active environment: its latency, and that time shared among them
+            "ms_per_call": 1000.0 * plan_s / max(1, calls), "ms_per_env_decision": 1000.0 * plan_s / max(1, decisions),
+            "batch_envs": batch_envs, "returns": returns, "normalized_scores": scores}
 
 
 def format_result(r: dict) -> str:
@@ -294,7 +303,8 @@ def format_result(r: dict) -> str:
              f"normalized score {r['normalized_score_mean']:.1f} ± {r['normalized_score_std']:.1f}")
     return (f"{r['env']} planner={r['planner']} k={r['k']} episodes={r['episodes']}: return "
             f"{r['return_mean']:.1f} ± {r['return_std']:.1f}, {score}, "
-            f"{r['ms_per_decision']:.2f} ms per decision")
+            f"{r['ms_per_call']:.2f} ms per call of up to {r['batch_envs']} environments "
+            f"({r['ms_per_env_decision']:.2f} ms per environment)")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -1481,10 +1481,10 @@ def test_cli_plan_json_after_train(tiny_run, tmp_path):
                 "--threads", "1")
     r = json.loads(js.read_text())
     for key in ("env", "planner", "episodes", "return_mean", "return_std", "normalized_score_mean",
-                "normalized_score_std", "ms_per_decision"):
+                "normalized_score_std", "ms_per_call", "ms_per_env_decision"):
         assert key in r, key
     assert r["env"] == "halfcheetah-medium-sb3" and r["planner"] == "td" and r["episodes"] == 1
-    assert all(math.isfinite(r[k]) for k in ("return_mean", "normalized_score_mean", "ms_per_decision"))
+    assert all(math.isfinite(r[k]) for k in ("return_mean", "normalized_score_mean", "ms_per_call"))
     assert abs(r["normalized_score_mean"] - float(data.normalized_score("halfcheetah-medium-sb3", r["return_mean"]))) < 1e-6
     assert "episode 0 (seed 100)" in p.stdout and "normalized score" in p.stdout
 
@@ -2401,6 +2401,24 @@ def test_reliability_determinism(rel_run_dir, tmp_path):
         returns.append(json.loads((tmp_path / f"eval{i}.json").read_text())["returns"])
     print(f"evaluation returns: {returns}")
     assert returns[0] == returns[1] and np.isfinite(returns[0]).all()
+
+
+def test_reliability_eval_every_leaves_the_training_stream(rel_run_dir, tmp_path):
+    """An evaluation during training (--eval-every) draws from its own seeded fork of torch's generator: the
+    run's later diffusion noise, condition dropout and transformer dropout are those of a run without it, so
+    the losses and the final weights are equal. Catches: plan.evaluate seeding the global generator."""
+    _, ds = rel_run_dir
+    common = ["--steps", 12, "--log-every", 1, "--seed", 4, "--eval-episodes", 1]
+    for name, extra in (("plain", ["--eval-every", 0]), ("evals", ["--eval-every", 4])):
+        proc = rel_train(tmp_path / name, *common, *extra, dataset=ds)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    evals = [json.loads(l) for l in (tmp_path / "evals" / "metrics.jsonl").read_text().splitlines()]
+    assert sum("eval" in r for r in evals) == 3  # steps 4 and 8, and the end
+    assert rel_losses(tmp_path / "plain" / "metrics.jsonl") == rel_losses(tmp_path / "evals" / "metrics.jsonl")
+    a, b = (torch.load(tmp_path / n / "checkpoint.pt", weights_only=True)["models"] for n in ("plain", "evals"))
+    for net in a:
+        for k in a[net]:
+            assert torch.equal(a[net][k], b[net][k]), (net, k)
 
 
 def test_reliability_torchrun_two_ranks(rel_run_dir, tmp_path):

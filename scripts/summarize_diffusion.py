@@ -40,7 +40,7 @@ for env, base in BASELINES.items():
                         for s, r in enumerate(runs))
         label = {"transformer": "transformer alone (k = 0)", "diffusion": f"diffusion from noise (T = {runs[0]['k']}, w = {runs[0]['guidance']:g})",
                  "td": f"**td** (k = {runs[0]['k']}, w = {runs[0]['guidance']:g})"}[planner]
-        ms = np.mean([r["ms_per_decision"] for r in runs])
+        ms = np.mean([r.get("ms_per_env_decision", r.get("ms_per_decision")) for r in runs])
         rows.append(f"| {label} | **{means.mean():.1f} ± {means.std():.1f}** ({len(runs)} seeds) | {per} | "
                     f"{runs[0]['episodes']} | {ms:.1f} |")
     sweep = load(res / f"sweep_{env}.json")
