@@ -421,17 +421,15 @@ def diagnose(ckpt_path, png: str, device: str = "cpu", n_windows: int = 512, see
             plans.append(plan_error(den.refine(tf_plan, k, cond, planner.w, add_noise=cfg.refine_noise), k))
     torch.manual_seed(seed)
     plans.append(plan_error(den.sample(x0[:, 0], cond, planner.w), T))
-    den.clip_denoised = False  # the same chain without the x_0 clamp: does sampling need it?
+    clamped, den.clip_denoised = den.clip_denoised, False  # the chain without the x_0 clamp: is it needed?
     torch.manual_seed(seed)
     no_clamp = plan_error(den.sample(x0[:, 0], cond, planner.w), T)
-    den.clip_denoised = True
     # how often the x_0 clamp binds at the first from-noise step (t = T - 1)
     x_T = torch.randn_like(x0)
     x_T[:, 0] = x0[:, 0]
     tT = torch.full((B,), T - 1, device=dev, dtype=torch.long)
-    den.clip_denoised = False
     raw = den.predict_x0(x_T, tT, den.guided_output(x_T, tT, cond, planner.w))
-    den.clip_denoised = True
+    den.clip_denoised = clamped
     clamp_frac = float(((raw < den.x_low) | (raw > den.x_high))[:, 1:].float().mean())
     effect = {}
     for name, k in (("refine", max(planner.k, 1)), ("sample", T)):

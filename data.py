@@ -422,9 +422,9 @@ class Normalizer:
     denoiser clamps its x_0 predictions to; it travels with the checkpoint like mean and std.
     """
 
-    # DEVIATION: the official code divides by (std + 1e-8), which turns a constant dimension's tiny evaluation-
-    # time drift into huge inputs. A floor of 1e-2 is small against D4RL state scales (0.1 to 10) and caps that
-    # blow-up at 100x; a dimension this flat carries no signal the models could lose.
+    # DEVIATION: the official code divides by (std + 1e-5) (fit(x, eps=1e-5)), which turns a constant dimension's
+    # tiny evaluation-time drift into huge inputs. A floor of 1e-2 is small against D4RL state scales (0.1 to 10)
+    # and caps that blow-up at 100x; a dimension this flat carries no signal the models could lose.
     STD_FLOOR = 1e-2
 
     def __init__(self, mean, std, low=None, high=None):
@@ -441,9 +441,10 @@ class Normalizer:
         self._np = (mean.numpy(), std.numpy())
 
     @classmethod
-    def fit(cls, x) -> "Normalizer":
+    def fit(cls, x, eps: float = 0.0) -> "Normalizer":
+        """eps = 0: std floored at STD_FLOOR; eps > 0: std + eps (official)."""
         x = np.asarray(x, dtype=np.float64)  # (N, S); float64 so that the sums over N do not lose digits
-        mean, std = x.mean(0), np.maximum(x.std(0), cls.STD_FLOOR)
+        mean, std = x.mean(0), (x.std(0) + eps if eps > 0 else np.maximum(x.std(0), cls.STD_FLOOR))
         return cls(mean, std, (x.min(0) - mean) / std, (x.max(0) - mean) / std)
 
     def _stats(self, x):
@@ -509,6 +510,19 @@ def split_episodes(terminals, timeouts, max_steps: int | None):
     return starts.astype(np.int64), lengths.astype(np.int64)
 
 
+def split_official(arrays: dict, max_steps: int) -> tuple[dict, tuple]:
+    """The official loader: d4rl.qlearning_dataset drops every timeout transition (and the data's last step),
+    then the remaining transitions are cut every max_steps steps, whatever the terminals say. The pieces are
+    marked non-terminal, so windows straddle episodes and only windows that fit inside a piece are drawn."""
+    n = len(arrays["rewards"])
+    keep = ~arrays["timeouts"] if arrays["timeouts"] is not None else np.ones(n, bool)
+    keep[-1] = False
+    arrays = {k: (v[keep] if isinstance(v, np.ndarray) else v) for k, v in arrays.items()}
+    arrays["rows"] = np.flatnonzero(keep)
+    starts = np.arange(0, int(keep.sum()), max_steps, dtype=np.int64)
+    return arrays, (starts, np.minimum(max_steps, int(keep.sum()) - starts).astype(np.int64))
+
+
 @dataclass
 class OfflineData:
     info: DatasetInfo
@@ -528,6 +542,7 @@ class OfflineData:
     discount: float = 1.0
     cond_discount: float = 1.0
     notes: list[str] = field(default_factory=list)
+    rows: np.ndarray | None = None  # (N,) the file's row of each transition, where some were dropped
 
     def summary(self) -> str:
         info, R = self.info, self.episode_returns
@@ -554,9 +569,10 @@ class OfflineData:
 
 
 def load(name: str, path=None, rtg_scale: float = 1000.0, discount: float = 1.0, download: bool = True,
-         cond_discount: float = 1.0) -> OfflineData:
+         cond_discount: float = 1.0, norm_eps: float = 0.0, episode_split: str = "ours") -> OfflineData:
     """Load, validate and split a dataset, and compute its returns-to-go and state normalizer.
-    `discount` shapes the transformer's return-to-go, `cond_discount` the denoiser's condition."""
+    `discount` shapes the transformer's return-to-go, `cond_discount` the denoiser's condition; `norm_eps` and
+    `episode_split` = "official" reproduce the official normalizer and loader (Normalizer.fit, split_official)."""
     info = get_info(name)
     if not (0.0 < discount <= 1.0 and 0.0 < cond_discount <= 1.0 and rtg_scale > 0):
         raise ValueError(f"need 0 < discount, cond_discount <= 1 and rtg_scale > 0, got discount {discount}, "
@@ -567,12 +583,18 @@ def load(name: str, path=None, rtg_scale: float = 1000.0, discount: float = 1.0,
         where = resolve_path(name, path, download=download)
         arrays = load_arrays(where, info)
     notes = []
-    starts, lengths = split_episodes(arrays["terminals"], arrays["timeouts"], info.max_episode_steps)
+    if episode_split == "official":
+        arrays, (starts, lengths) = split_official(arrays, info.max_episode_steps)
+        notes.append(f"official episode split: timeout steps dropped, pieces of {info.max_episode_steps} steps")
+    elif episode_split == "ours":
+        starts, lengths = split_episodes(arrays["terminals"], arrays["timeouts"], info.max_episode_steps)
+    else:
+        raise UsageError(f"unknown --episode-split {episode_split!r}; choose ours or official")
     if arrays["timeouts"] is None:
         notes.append(f"no timeouts key: episodes also cut every {info.max_episode_steps} steps")
     if arrays["next_observations"] is None:
         notes.append("no next_observations key: the state after each episode's last step is unknown (next_mask 0)")
-    terminal = arrays["terminals"][starts + lengths - 1]  # (E,)
+    terminal = arrays["terminals"][starts + lengths - 1] & (episode_split == "ours")  # (E,); official: none
     ended = terminal[-1] or (arrays["timeouts"][-1] if arrays["timeouts"] is not None
                              else lengths[-1] == info.max_episode_steps)
     if not ended:
@@ -589,8 +611,8 @@ def load(name: str, path=None, rtg_scale: float = 1000.0, discount: float = 1.0,
         rewards=arrays["rewards"], rtg=(rtg / rtg_scale).astype(np.float32), cond_rtg=cond_rtg.astype(np.float32),
         episode_starts=starts,
         episode_lengths=lengths, episode_terminal=terminal, episode_returns=returns,
-        normalizer=Normalizer.fit(arrays["observations"]), next_observations=arrays["next_observations"],
-        rtg_scale=rtg_scale, discount=discount, cond_discount=cond_discount, notes=notes)
+        normalizer=Normalizer.fit(arrays["observations"], norm_eps), next_observations=arrays["next_observations"],
+        rtg_scale=rtg_scale, discount=discount, cond_discount=cond_discount, notes=notes, rows=arrays.get("rows"))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -604,7 +626,8 @@ class WindowSampler:
     window are never trained on; here they are, padded as described and masked.
     """
 
-    def __init__(self, data: OfflineData, length: int, device="cpu"):
+    def __init__(self, data: OfflineData, length: int, device="cpu", next_normalizer=None):
+        """next_normalizer: the next states' own normalizer (official inverse dynamics); None = the states'."""
         if length < 1:
             raise ValueError(f"window length must be >= 1, got {length}")
         self.length, self.device = length, torch.device(device)
@@ -626,7 +649,7 @@ class WindowSampler:
             return torch.as_tensor(np.ascontiguousarray(x), dtype=dtype).to(self.device)
 
         self.states = to(norm.normalize(data.observations), torch.float32)  # (N, S)
-        self.next_states = to(norm.normalize(nxt), torch.float32)  # (N, S)
+        self.next_states = to((next_normalizer or norm).normalize(nxt), torch.float32)  # (N, S)
         self.next_known = to(known)  # (N,) bool
         self.actions = to(data.actions, torch.float32)  # (N, A)
         self.rtg = to(data.rtg, torch.float32)  # (N,)
@@ -781,7 +804,9 @@ def choose_dynamics(data: OfflineData, n: int = 16) -> tuple[bool, str]:
     try:
         with h5py.File(data.path, "r") as f:
             qpos, qvel = f["infos/qpos"][()], f["infos/qvel"][()]
-    except (OSError, KeyError, TypeError):
+        if data.rows is not None:  # the official split dropped some rows of the file
+            qpos, qvel = qpos[data.rows], qvel[data.rows]
+    except (OSError, KeyError, TypeError, IndexError):
         qpos = None
     if qpos is None or len(qpos) != len(data.observations) or data.next_observations is None:
         return default, (f"{'mujoco-py' if default else 'MuJoCo 3'}'s, the default for {name} (the data record no "

@@ -110,16 +110,18 @@ class TemporalUnet(nn.Module):
     embedding (as Decision Diffuser does), so the unconditional model needs no extra parameters.
     """
 
-    def __init__(self, state_dim, dim=64, dim_mults=(1, 2, 4, 8), kernel_size=5, n_groups=8, horizon=None):
+    def __init__(self, state_dim, dim=64, dim_mults=(1, 2, 4, 8), kernel_size=5, n_groups=8, horizon=None,
+                 time_mult=4, full_skip=True):
         super().__init__()
         self.horizon_divisor = 2 ** (len(dim_mults) - 1)  # one halving of H between consecutive levels
         if horizon is not None:
             self.check_horizon(horizon)
         chans = [state_dim] + [dim * m for m in dim_mults]
         cond_dim = 2 * dim  # time embedding (dim) ; return embedding (dim), 128 at dim = 64 as official
-        # Decision Diffuser's time MLP widens to 4*dim in between
-        self.time_mlp = nn.Sequential(SinusoidalPosEmb(dim), nn.Linear(dim, 4 * dim), nn.Mish(),
-                                      nn.Linear(4 * dim, dim))
+        # DEVIATION: the time MLP widens to time_mult * dim in between: 4 (64 -> 256 -> 64) is Decision
+        # Diffuser's width, the default here; the official Trajectory Diffuser code uses 2 (64 -> 128 -> 64).
+        self.time_mlp = nn.Sequential(SinusoidalPosEmb(dim), nn.Linear(dim, time_mult * dim), nn.Mish(),
+                                      nn.Linear(time_mult * dim, dim))
         # official sizes at dim = 64: Linear(1 -> 128) -> Mish -> Linear(128 -> 64)
         self.returns_mlp = nn.Sequential(nn.Linear(1, 2 * dim), nn.Mish(), nn.Linear(2 * dim, dim))
 
@@ -143,7 +145,8 @@ class TemporalUnet(nn.Module):
         # eps-MSE at t = 99 was 0.096 against 0.000 for the trivial predictor sqrt(1 - ab_t) x_t. This block
         # reads the last skip (H, dim channels) before the output head; with it (and v-prediction) the eps-MSE
         # over t >= 90 is 0.4x the trivial predictor's on the bundled medium-replay data (README, "The denoiser").
-        self.skip_full = block(2 * dim, dim)
+        # full_skip=False is the official and DD network (the last skip is stored and never read)
+        self.skip_full = block(2 * dim, dim) if full_skip else None
         self.final = nn.Sequential(Conv1dBlock(dim, dim, kernel_size, n_groups), nn.Conv1d(dim, state_dim, 1))
 
     def check_horizon(self, H):
@@ -165,7 +168,8 @@ class TemporalUnet(nn.Module):
         for block1, block2, up in self.ups:
             h = torch.cat([h, skips.pop()], dim=1)  # (B, C, H') ; (B, C, H') -> (B, 2C, H')
             h = up(block2(block1(h, cond), cond))
-        h = self.skip_full(torch.cat([h, skips.pop()], dim=1), cond)  # (B, 2*dim, H) -> (B, dim, H)
+        if self.skip_full is not None:
+            h = self.skip_full(torch.cat([h, skips.pop()], dim=1), cond)  # (B, 2*dim, H) -> (B, dim, H)
         return self.final(h).transpose(1, 2)  # (B, S, H) -> (B, H, S)
 
 
@@ -186,7 +190,7 @@ class GaussianDiffusion(nn.Module):
     The last cosine step has beta = 0.999: DDPM Eq. 11 divides by sqrt(1 - beta) = 0.032 there.
     DEVIATION: DD maps states to [-1, 1] and clamps x_0 there; ours are Gaussian-normalized, so the clamp is each
     dimension's range in the training data (the Normalizer's low/high), kept as buffers that travel with the
-    checkpoint. clip_denoised = False switches it off (ablation).
+    checkpoint. clip_denoised=False switches it off (the official code has no clamp).
     prediction: what the network outputs, "v" (default) or "eps" (DDPM, Diffuser, Decision Diffuser).
     DEVIATION: the official code and DD predict eps, and x_0 = (x_t - sqrt(1 - ab_t) eps) / sqrt(ab_t) divides
     the net's error by sqrt(ab_99) ~ 5e-4. With v, x_0 = sqrt(ab_t) x_t - sqrt(1 - ab_t) v has no division, and
@@ -197,12 +201,12 @@ class GaussianDiffusion(nn.Module):
     """
 
     def __init__(self, model, horizon, state_dim, n_timesteps=100, schedule="cosine", cond_drop_prob=0.5,
-                 x_low=None, x_high=None, prediction="v"):
+                 x_low=None, x_high=None, prediction="v", clip_denoised=True):
         super().__init__()
         if hasattr(model, "check_horizon"):
             model.check_horizon(horizon)
         self.model, self.horizon, self.state_dim = model, horizon, state_dim
-        self.n_timesteps, self.cond_drop_prob, self.clip_denoised = n_timesteps, cond_drop_prob, True
+        self.n_timesteps, self.cond_drop_prob, self.clip_denoised = n_timesteps, cond_drop_prob, clip_denoised
         if prediction not in ("v", "eps"):
             raise ValueError(f"prediction must be 'v' or 'eps', got {prediction!r}")
         self.prediction = prediction

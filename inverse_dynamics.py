@@ -50,9 +50,11 @@ class InverseDynamics(nn.Module):
                              f"got {tuple(s.shape)} and {tuple(s_next.shape)}")
         return self.net(torch.cat([s, s_next], dim=-1))                            # (..., 2S) -> (..., A)
 
-    def loss(self, s, s_next, a, mask=None):
-        """Masked MSE: mean over A of the squared error, averaged over steps where mask (...,) is 1."""
+    def loss(self, s, s_next, a, mask=None, clamp=False):
+        """Masked MSE: mean over A of the squared error, averaged over steps where mask (...,) is 1.
+        clamp=True clamps the prediction to [-1, 1] first, as the official code does."""
         pred = self(s, s_next)
+        pred = pred.clamp(-1.0, 1.0) if clamp else pred
         if a.shape != pred.shape:
             raise ValueError(f"actions must be {tuple(pred.shape)}, got {tuple(a.shape)}")
         return masked_mean((pred - a).pow(2).mean(-1), mask)                      # (..., A) -> (...,) -> scalar

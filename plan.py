@@ -64,8 +64,11 @@ class PlanConfig:
                                            "5300); 0 = read off the data: its best episode return")
     rtg_scale: float = setting(1000.0, "returns-to-go are divided by this (official 1000)")
     rtg_floor: float = setting(1 / 3, "the decremented target never drops below this fraction of its start")
-    cond_target: float = setting(1.0, "the denoiser's condition while planning, in units of cond_scale "
-                                      "(1 = the best discounted return-to-go in the data)")
+    # DEVIATION: the denoiser is conditioned on a fixed target, the best discounted return-to-go in the data
+    # (Decision Diffuser's way), where the official code passes the transformer's decremented return-to-go.
+    cond_target: float = setting(1.0, "the denoiser's condition while planning, in units of cond_scale (1 = the "
+                                      "best discounted return-to-go in the data); 0 = the transformer's current, "
+                                      "decremented return-to-go (official)")
     n_candidates: int = setting(32, "plans per decision, ranked by the critic (official 32)")
     critic_temperature: float = setting(1.0, "softmax temperature over critic values; 0 = argmax (official 1)")
     refine_noise: bool = setting(True, "noise the plan to level k before refining; --no-refine-noise = official")
@@ -208,8 +211,9 @@ class Planner:
         """Alg. 1. hist_s (B, c, S), hist_r (B, c, 1), the last entry being now -> actions (B, A) on the device."""
         B, N, H = hist_s.shape[0], self.N, self.cfg.horizon
         s0 = hist_s[:, -1].repeat_interleave(N, 0)                          # (B*N, S) the current states
-        # the denoiser's condition: a fixed discounted return, as Decision Diffuser conditions (cfg.cond_target)
-        cond = torch.full((B * N, 1), float(self.cfg.cond_target), device=hist_s.device)  # (B*N, 1)
+        # the denoiser's condition: a fixed discounted return (cfg.cond_target), or the current target R (official)
+        cond = (torch.full((B * N, 1), float(self.cfg.cond_target), device=hist_s.device) if self.cfg.cond_target
+                else hist_r[:, -1].repeat_interleave(N, 0))                 # (B*N, 1)
         w = self.w.repeat_interleave(N, 0) if torch.is_tensor(self.w) else self.w  # a (B,1,1) w in k x w sweeps
         if self.planner == "diffusion":
             x = self.denoiser.sample(s0, cond, w)                           # (B*N, H, S), all T steps from noise

@@ -21,7 +21,6 @@ Tests: python -m pytest test_all.py -k "train or cli or reliability"
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -29,7 +28,6 @@ import os
 import platform
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,205 +36,9 @@ import torch.nn as nn
 
 import data as D
 from data import UsageError, atomic_write, pick_device, set_matmul_precision, set_threads
+from config import Config, build_parser, resolve_config, target_from_data
 from plan import (FORMAT_VERSION, PlanConfig, Planner, build_networks, evaluate, format_result, load_checkpoint,
-                  planning_copy, setting)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Configuration. Defaults are the official values for halfcheetah-medium-v2 (DESIGN.md); the per-dataset
-# table overrides them per dataset, a preset overrides the table, and explicit flags override everything.
-# The planning settings (H, C, k, w, the targets) are plan.PlanConfig's, inherited here.
-# ----------------------------------------------------------------------------------------------------
-@dataclass
-class Config(PlanConfig):
-    dataset: str = setting("", "path to a D4RL-layout hdf5 file; empty = bundled file, D4RL cache, or download")
-    preset: str = setting("", "cpu = CPU-sized models and budget for any dataset (PRESETS below: 10k steps, small "
-                              "nets, target read off the data); it overrides the dataset's row, explicit flags "
-                              "override it; '' = none")
-    out: str = setting("", "run directory; empty = runs/<env>-s<seed>")
-    resume: bool = setting(False, "continue the run in --out from its checkpoint.pt")
-    seed: int = setting(0, "seed of torch (weights, noise, dropout) and of the data order")
-    device: str = setting("auto", "auto|cpu|cuda|mps; auto picks cuda, then mps, then cpu")
-    threads: int = setting(0, "torch CPU threads; 0 = the cores available to this process (per rank)")
-    debug: bool = setting(False, "show Python tracebacks instead of one-line errors")
-    # --- training (official: 1M iterations at batch 32) ---
-    steps: int = setting(1_000_000, "training iterations (official 1M)")
-    batch_size: int = setting(32, "windows per step (official 32)")
-    lr: float = setting(2e-4, "learning rate (official: 2e-4 locomotion, 1e-4 Adroit/Kitchen)")
-    lr_decay_steps: int = setting(100_000, "lr decays linearly to lr_final_frac over this many steps (official 100k)")
-    lr_final_frac: float = setting(0.01, "final lr as a fraction of lr (official 1%)")
-    weight_decay: float = setting(1e-4, "AdamW weight decay of the denoiser (official 1e-4; the others have none)")
-    ema_decay: float = setting(0.995, "EMA decay of the denoiser (official 0.995)")
-    ema_every: int = setting(2, "EMA update period in steps (official 2)")
-    ema_start: int = setting(10_000, "before this step the EMA is a plain copy (official 10k)")
-    grad_clip: float = setting(0.0, "max gradient norm per network; 0 = off (official: off)")
-    log_every: int = setting(100, "steps between metrics.jsonl lines")
-    save_every: int = setting(10_000, "steps between checkpoints (one is always written at the end)")
-    keep_at: str = setting("", "comma-separated steps at which a planning-only copy is kept as keep/step<N>.pt "
-                               "(for a learning curve from one run, e.g. 5000,10000,20000,40000); '' = none")
-    eval_every: int = setting(0, "steps between evaluations during training; 0 = only at the end")
-    eval_episodes: int = setting(10, "evaluation episodes at the end (official 10); 0 skips evaluation")
-    eval_seed: int = setting(100, "first evaluation episode's env seed (episodes use eval_seed + i)")
-    batch_envs: int = setting(10, "environments planned together in one batched call during evaluation")
-    amp: bool = setting(False, "bf16 autocast for the training forward passes (CUDA only)")
-    cuda_graph: bool = setting(False, "capture the whole training step as one CUDA graph and replay it "
-                                      "(CUDA, 1 process; bench.CudaGraphed)")
-    compile: bool = setting(False, "torch.compile the losses (forward and backward fused by inductor); pair with "
-                                   "--cuda-graph on CUDA")
-    concurrent: bool = setting(True, "CPU, one process, 2+ threads: the transformer's forward and backward run in a "
-                                     "second thread beside the other networks', half the threads each")
-    reduced_precision: bool = setting(False, "opt-in: bf16 inside oneDNN's CPU matrix products (computes in bf16 "
-                                             "only on CPUs with bf16 units, e.g. AMX), TF32 on CUDA; the start-up "
-                                             "line says what was measured. Default: strict fp32 everywhere")
-    # --- data ---
-    discount: float = setting(1.0, "transformer return-to-go discount (official: undiscounted; its --gamma is unused)")
-    # DEVIATION: the official denoiser is conditioned on the same undiscounted return-to-go as the transformer.
-    # On single-policy data that number mostly encodes the time left in the episode, and the trained denoiser
-    # ignored it: rms(eps_c - eps_u) was ~0.01 against rms(eps) 0.25-0.77, and w = 0, 1.1 or 3 gave the same
-    # plans to 4 decimals. Decision Diffuser and CleanDiffuser condition on a discounted return (gamma 0.99),
-    # which measures how well the next ~100 steps go; README "The denoiser" has the measured gap with it.
-    cond_discount: float = setting(0.99, "discount of the return-to-go the denoiser is conditioned on (DD: 0.99)")
-    cond_scale: float = setting(0.0, "the denoiser's condition is that discounted return-to-go divided by this; "
-                                     "0 = the largest magnitude in the data (resolved once, saved in the config)")
-    # --- models (official sizes) ---
-    tf_half_dim: int = setting(256, "transformer token half width: state and rtg each embed to this (official 256)")
-    tf_layers: int = setting(4, "transformer layers (official 4)")
-    tf_heads: int = setting(4, "transformer heads (official 4)")
-    tf_ffn: int = setting(512, "transformer feed-forward width (official 512)")
-    tf_dropout: float = setting(0.1, "transformer dropout (official 0.1)")
-    causal: bool = setting(True, "causal attention mask; --no-causal reproduces the official bug (ablation)")
-    unet_dim: int = setting(64, "U-Net base channels (official 64)")
-    unet_mults: str = setting("1,2,4,8", "U-Net channel multipliers per level (official 1,2,4,8)")
-    n_timesteps: int = setting(100, "diffusion steps T (official 100)")
-    schedule: str = setting("cosine", "cosine (full schedule, alpha_bar_T ~ 0) or linear (official 1e-3..2e-2)")
-    cond_drop_prob: float = setting(0.5, "probability of dropping the return condition (official 0.5)")
-    prediction: str = setting("v", "what the denoiser predicts: v (Salimans & Ho 2022) or eps (official, DD)")
-    invdyn_hidden: int = setting(256, "inverse-dynamics MLP width (official 256)")
-    critic_hidden: int = setting(128, "critic MLP width (official 128)")
-    use_critic: bool = setting(True, "train the candidate critic (official: yes)")
-
-
-# One table of per-dataset settings. Official rows come from the official main.py (DESIGN.md);
-# names the official table lacks take their family's medium (or partial) settings, as documented.
-_LOCO = {  # env: (H, k, w, {quality: target return})
-    "halfcheetah": (8, 5, 1.1, {"medium-expert": 12000, "medium-replay": 5300, "medium": 5300}),
-    "hopper": (16, 5, 1.2, {"medium-expert": 3600, "medium-replay": 3100, "medium": 3100}),
-    "walker2d": (32, 5, 1.1, {"medium-expert": 5100, "medium-replay": 4200, "medium": 4200}),
-}
-_ADROIT = {"pen": (16, 2, 1.3, 6000), "door": (32, 5, 1.2, 1500),
-           "hammer": (32, 5, 1.2, 17000), "relocate": (32, 5, 1.2, 4000)}
-
-
-def _build_env_table() -> dict[str, dict]:
-    table = {}
-    for env, (h, k, w, targets) in _LOCO.items():
-        # random and expert are not in the official table: they take medium's H, k, w; expert conditions
-        # on medium-expert's target (its data reach it), random on medium's (above all of its data).
-        targets = dict(targets, expert=targets["medium-expert"], random=targets["medium"])
-        for quality, target in targets.items():  # the evaluation's dynamics are read off the data (train())
-            table[f"{env}-{quality}-v2"] = dict(horizon=h, refine_steps=k, guidance=w, target_return=target, lr=2e-4)
-    for task, (h, k, w, target) in _ADROIT.items():
-        for quality in ("human", "cloned", "expert"):
-            table[f"{task}-{quality}-v1"] = dict(horizon=h, refine_steps=k, guidance=w, target_return=target, lr=1e-4)
-    for name, target in (("partial", 500), ("mixed", 400), ("complete", 500)):  # complete takes partial's
-        table[f"kitchen-{name}-v0"] = dict(horizon=32, refine_steps=5, guidance=1.2, target_return=target, lr=1e-4)
-    # The bundled stand-ins: their family's horizon and the CPU preset (models, budget, a target read off the
-    # data; the official targets lie above every episode of these files).
-    # DEVIATION: k = 1, w = 1.2 on the bundled halfcheetah data (official halfcheetah: k = 5, w = 1.1), chosen by
-    # the k x w sweep on episode seeds 100+ (README, Results): the score fell with k on both files (medium-replay:
-    # 40.0 at k = 1 to 31.0 at k = 40, w = 1) and w moved it less than the episode noise; k = 1, w = 1.2 had the
-    # best mean over the two files.
-    for name in ("halfcheetah-medium-sb3", "halfcheetah-medium-replay-sb3"):
-        table[name] = dict(horizon=8, refine_steps=1, guidance=1.2, preset="cpu")
-    # DEVIATION: k = 1 on the bundled hopper data (official hopper: k = 5), from the k x w sweep on episode
-    # seeds 100+ (results/diffusion/sweep_hopper-medium-sb3.json): 26.0 at k = 0, 25.6 at k = 1, 23.9 at k = 5,
-    # 23.1 at k = 10 (w = 1.2 moved it by less than the episode noise).
-    h, _, w, _ = _LOCO["hopper"]
-    table["hopper-medium-sb3"] = dict(horizon=h, refine_steps=1, guidance=w, preset="cpu")
-    return table
-
-
-ENV_TABLE = _build_env_table()
-
-# Presets: one named recipe that sizes the models and the budget, for any dataset (--preset NAME). The dataset's
-# row keeps its planning settings (H, k, w); the preset overrides the rest of the row; explicit flags override both.
-# "cpu": training plus a 10-episode evaluation of halfcheetah-medium-sb3 took under 20 minutes on 2 CPU cores.
-# DEVIATION: lr 5e-4 at batch 64 (official 2e-4 at 32) so that 10k CPU steps suffice; smaller models; one
-# candidate without the critic; the target is read off the data (target_from_data), because the official
-# targets belong to D4RL's files and may lie above everything another file holds.
-PRESETS = {
-    "cpu": dict(steps=10_000, lr_decay_steps=10_000, ema_start=1_000, save_every=2_000, batch_size=64, lr=5e-4,
-                tf_half_dim=64, tf_ffn=256, tf_layers=3, unet_dim=32, unet_mults="1,2,4", invdyn_hidden=256,
-                n_candidates=1, use_critic=False, target_return=0),
-}
-
-# A Minari dataset (--env minari:ID) takes the planning settings of the family its environment id names, with the
-# target read off the data: the official targets are D4RL's, and Minari's data come from other policies and envs.
-MINARI_FAMILY_ROWS = {  # lower-case env id prefix -> ENV_TABLE row
-    "halfcheetah": "halfcheetah-medium-v2", "hopper": "hopper-medium-v2", "walker2d": "walker2d-medium-v2",
-    "adroithandpen": "pen-human-v1", "adroithanddoor": "door-human-v1", "adroithandhammer": "hammer-human-v1",
-    "adroithandrelocate": "relocate-human-v1", "frankakitchen": "kitchen-partial-v0",
-}
-
-
-def target_from_data(episode_returns) -> float:
-    """The target return for target_return = 0: the best episode return in the training data.
-
-    At an episode's first step the return-to-go is that episode's return, so the best return is the highest
-    condition the models saw at the start of an episode and the highest the data show to be reachable. A
-    higher target asks the models to extrapolate; a quantile (say the 90th) would ask for less than the data's
-    best behaviour. One outlier episode can set it, which the decrement floor (rtg_floor) does not undo."""
-    return float(np.max(episode_returns))
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """Flags are built from the Config fields; their defaults are SUPPRESSed so that we know which were given."""
-    presets = "; ".join(f"{name}: " + ", ".join(f"{k}={v}" for k, v in values.items()) for name, values in PRESETS.items())
-    p = argparse.ArgumentParser(
-        description="Train Trajectory Diffuser.", argument_default=argparse.SUPPRESS,
-        epilog=f"Settings: Config defaults < the dataset's row of ENV_TABLE < --preset < flags given here. "
-               f"Presets ({presets}). target_return=0 reads the target off the data: its best episode return, the "
-               f"highest return-to-go the models saw at an episode's start. "
-               f"Your own file on a CPU: --env hopper-medium-v2 --dataset FILE --preset cpu.".replace("%", "%%"))
-    for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        help_text = f"{f.metadata['help']} (default {f.default})".replace("%", "%%")  # argparse formats help with %
-        if f.type == "bool":
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
-        else:
-            p.add_argument(flag, type={"int": int, "float": float, "str": str}[f.type], metavar=f.name.upper(),
-                           help=help_text)
-    return p
-
-
-def env_row(env: str, given: dict) -> dict:
-    """The env's row of ENV_TABLE; for minari:ID, the row of the family its recorded environment id names."""
-    if not env.startswith("minari:"):
-        return ENV_TABLE.get(env, {})  # an unknown name fails in data.get_info with a suggestion
-    env_id = D.get_info(env).env_id
-    for prefix, row in MINARI_FAMILY_ROWS.items():
-        if env_id.lower().startswith(prefix):
-            return dict(ENV_TABLE[row], target_return=0)
-    if "horizon" not in given:
-        raise UsageError(f"{env}: its environment {env_id} is none of the families with planning settings "
-                         f"({', '.join(MINARI_FAMILY_ROWS)}); give them: --horizon H --refine-steps K --guidance W")
-    return {"target_return": 0}
-
-
-def resolve_config(given: dict) -> Config:
-    """Config defaults < the env's table row < the preset (the row's, or --preset) < flags given on the command line."""
-    env = given.get("env", Config.env)
-    row = env_row(env, given)
-    preset = given.get("preset", row.get("preset", ""))
-    if preset and preset not in PRESETS:
-        raise UsageError(f"unknown --preset {preset!r}; choose {', '.join(PRESETS)} (or '' for none)")
-    cfg = Config(**{**row, **PRESETS.get(preset, {}), **given})
-    if cfg.context <= 0:
-        cfg.context = cfg.horizon - 1
-    if not cfg.out:  # a Minari id holds '/' and ':'; the run directory stays one folder
-        cfg.out = os.path.join("runs", f"{cfg.env.replace(':', '-').replace('/', '-')}-s{cfg.seed}")
-    return cfg
-
+                  planning_copy)
 
 # ----------------------------------------------------------------------------------------------------
 # Models: each network's constructor arguments are saved in the checkpoint, so plan.py rebuilds them alone
@@ -250,9 +52,9 @@ def model_args(cfg: Config, state_dim: int, action_dim: int, normalizer) -> dict
                             ffn_dim=cfg.tf_ffn, dropout=cfg.tf_dropout, max_len=cfg.context + cfg.horizon - 1,
                             causal=cfg.causal),
         "unet": dict(state_dim=S, dim=cfg.unet_dim, dim_mults=[int(m) for m in str(cfg.unet_mults).split(",")],
-                     horizon=cfg.horizon),
+                     horizon=cfg.horizon, time_mult=cfg.unet_time_mult, full_skip=cfg.unet_full_skip),
         "diffusion": dict(horizon=cfg.horizon, state_dim=S, n_timesteps=cfg.n_timesteps, schedule=cfg.schedule,
-                          cond_drop_prob=cfg.cond_drop_prob, prediction=cfg.prediction,
+                          cond_drop_prob=cfg.cond_drop_prob, prediction=cfg.prediction, clip_denoised=cfg.x0_clamp,
                           x_low=normalizer.low.tolist(), x_high=normalizer.high.tolist()),
         "invdyn": dict(state_dim=S, action_dim=A, hidden=cfg.invdyn_hidden),
     }
@@ -286,7 +88,7 @@ def lr_lambda(cfg: Config):
 def ema_update(ema: nn.Module, model: nn.Module, step: int, cfg: Config) -> None:
     """Official EMA: a plain copy before ema_start, then ema <- d * ema + (1 - d) * model every ema_every steps.
     Buffers (the noise schedule, the x_0 clamp) are constants and are copied."""
-    if step % cfg.ema_every != 0:
+    if step % cfg.ema_every != 0 and not (cfg.ema_copy_each_step and step < cfg.ema_start):
         return
     if step < cfg.ema_start:
         ema.load_state_dict(model.state_dict())
@@ -302,7 +104,7 @@ def train(given: dict) -> Path:
     run = Run(given)  # the config, the device, torchrun, the run directory and resume: bookkeeping below
     cfg, device = run.cfg, run.device
     data = D.load(cfg.env, cfg.dataset or None, rtg_scale=cfg.rtg_scale, discount=cfg.discount,
-                  cond_discount=cfg.cond_discount)
+                  cond_discount=cfg.cond_discount, norm_eps=cfg.norm_eps, episode_split=cfg.episode_split)
     if cfg.target_return <= 0:  # a target read off the data (resolved once, saved in the config)
         cfg.target_return = target_from_data(data.episode_returns)
     if cfg.cond_scale <= 0:  # the denoiser's condition scale, read off the data (resolved once, saved)
@@ -316,14 +118,19 @@ def train(given: dict) -> Path:
     # DEVIATION: one gather per step where two independent draws were made. The H-windows now start where the
     # longer windows can: in an episode that ends on a timeout, its last C - 1 H-window starts are no longer
     # drawn (6 of 993 per 1000-step halfcheetah episode, C = 7), and a step's denoiser windows share the transformer's.
-    sampler = D.WindowSampler(data, cfg.context + cfg.horizon - 1, device=device)
+    next_norm = None  # official: inverse dynamics reads next states normalized by their own statistics
+    if cfg.invdyn_next_own_stats and data.next_observations is not None:
+        next_norm = D.Normalizer.fit(data.next_observations, cfg.norm_eps)
+    sampler = D.WindowSampler(data, cfg.context + cfg.horizon - 1, device=device, next_normalizer=next_norm)
     H = cfg.horizon
 
     torch.manual_seed(cfg.seed)  # every rank builds the same initial weights, the EMA copy included
     args = model_args(cfg, data.observations.shape[1], data.actions.shape[1], data.normalizer)
     nets = {k: m.to(device) for k, m in build_networks(args).items()}
     optimizer = make_optimizer(cfg, nets, capturable=cfg.cuda_graph)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [  # official: the critic's lr does not decay
+        lr_lambda(cfg) if g["name"] != "critic" or cfg.critic_lr_decay else (lambda step: 1.0)
+        for g in optimizer.param_groups])
     step, data_gen = run.restore(nets, optimizer, scheduler)  # step 0 and fresh seeds, or the checkpoint's
     run.announce(data, sampler, nets, step)
 
@@ -336,7 +143,8 @@ def train(given: dict) -> Path:
         # y = the discounted return-to-go at the window's first state, dropped w.p. cond_drop_prob
         losses = {"diffusion": nets["diffusion"].loss(win["states"], win["cond_rtg"][:, 0] / cfg.cond_scale, draws),
                   # L_inv = mean_t m_t |f(s_t, s_{t+1}) - a_t|^2, masked where s_{t+1} is unknown or padding
-                  "invdyn": nets["invdyn"].loss(win["states"], win["next_states"], win["actions"], win["next_mask"])}
+                  "invdyn": nets["invdyn"].loss(win["states"], win["next_states"], win["actions"], win["next_mask"],
+                                                clamp=cfg.invdyn_clamp_loss)}
         if "critic" in nets:  # L_Q = mean_t m_t (Q(s_t, a_t) - R_t)^2, Monte-Carlo return-to-go, masked
             losses["critic"] = nets["critic"].loss(win["states"], win["actions"], win["rtg"][..., 0], win["mask"])
         return losses

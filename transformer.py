@@ -183,7 +183,9 @@ class TrajectoryTransformer(nn.Module):
         use_cache=True: one pass prefills the c history tokens into per-layer key/value caches of
         M = c + n_steps - 1 slots, then every generated token costs one token's work. The caches are
         preallocated and written by index.
-        use_cache=False (always, when causal=False): re-run the whole growing sequence each step.
+        use_cache=False: re-run the whole growing sequence each step (the cache's oracle in the tests).
+        causal=False (the official model): re-run a sliding window of the last c tokens each step, at positions
+        0..c-1, as the official planner does; without a mask, earlier tokens see later ones, so nothing caches.
 
         DEVIATION: the official planner re-runs a sliding window of the last H-1 tokens at every step
         (H-1 tokens of work per step, O(H^2) per plan). Here the history is prefilled once, each new
@@ -197,7 +199,8 @@ class TrajectoryTransformer(nn.Module):
                              f"got c={c}, n_steps={n_steps}")
         if not (use_cache and self.causal):
             for _ in range(n_steps):
-                pred_s, pred_r = self(states, rtg)
+                window = slice(None) if self.causal else slice(-c, None)          # (B, c, .) sliding, official
+                pred_s, pred_r = self(states[:, window], rtg[:, window])
                 states = torch.cat([states, pred_s[:, -1:]], dim=1)                # (B, c+i, S) -> (B, c+i+1, S)
                 rtg = torch.cat([rtg, pred_r[:, -1:]], dim=1)
             return states[:, c:], rtg[:, c:]
