@@ -26,9 +26,11 @@ import numpy as np
 import torch
 
 import data as D
-from data import UsageError, atomic_write, pick_device, set_matmul_precision, set_threads
-from plan import (PlanConfig, Planner, add_planner_flags, build_networks, evaluate, evaluate_cli, format_result,
-                  load_checkpoint, planner_from_args, planning_copy)
+from data import UsageError
+from machine import atomic_write, pick_device, set_matmul_precision, set_threads
+from config import PlanConfig, build_networks, load_checkpoint, planning_copy
+from plan import (Planner, add_planner_flags, evaluate, evaluate_cli, format_result,
+                  planner_from_args)
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
@@ -129,7 +131,7 @@ def plot_curves(metrics_path: Path, png: Path) -> None:
 
 
 def export_for_planning(src, dst) -> Path:
-    """plan.planning_copy of the checkpoint src, written to dst."""
+    """config.planning_copy of the checkpoint src, written to dst."""
     slim = planning_copy(load_checkpoint(src))
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)

@@ -10,8 +10,8 @@ pure noise (the Decision Diffuser baseline on the same network). After each step
 by r / rtg_scale, floored at rtg_floor of its start (official).
 
 The checkpoint is the contract between training and planning: it holds each network's constructor arguments
-(`model_args`), its weights, the normalizer and the settings. This file rebuilds the networks from it and never
-imports train.py (train.py imports this file, to evaluate).
+(`model_args`), its weights, the normalizer and the settings. config.py rebuilds the networks from it; this file
+never imports train.py (train.py imports this file, to evaluate).
 
     python plan.py --checkpoint RUN/checkpoint.pt --episodes 10 [--planner td|transformer|diffusion] [--json r.json]
     python bench.py --help     # the speed benchmark, the k x w sweep, the denoiser diagnostic, videos
@@ -22,12 +22,10 @@ Tests: python -m pytest test_all.py -k plan
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import json
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -35,89 +33,10 @@ import torch
 import torch.nn as nn
 
 import data as D
-from data import UsageError, pick_device, set_matmul_precision, set_threads
-from diffusion import GaussianDiffusion, TemporalUnet
-from inverse_dynamics import Critic, InverseDynamics, select_candidate
-from transformer import TrajectoryTransformer
-
-FORMAT_VERSION = 3  # bump when the checkpoint layout changes; older files are refused with a clear message
-
-
-def setting(default, help):
-    """A dataclass field with its --help text (train.py turns every field into a flag)."""
-    return field(default=default, metadata={"help": help})
-
-
-@dataclass
-class PlanConfig:
-    """The settings a decision needs. train.Config extends this with the training and model settings, and a
-    checkpoint stores all of them; a planner reads back the fields below."""
-    env: str = setting("halfcheetah-medium-v2", "dataset name (python data.py --list shows all), or minari:ID for "
-                                                "a Minari dataset, e.g. minari:mujoco/hopper/medium-v0")
-    horizon: int = setting(8, "H, planned states per decision (official halfcheetah 8)")
-    # DEVIATION: the official transformer slides a window of H-1 tokens while it rolls out; here C history
-    # tokens are prefilled and H-1 tokens generated into a KV cache, so training windows are C + H - 1 long.
-    context: int = setting(0, "C, history tokens the transformer sees; 0 = H - 1 (the official context length)")
-    refine_steps: int = setting(5, "k, diffusion steps that refine the transformer plan (official halfcheetah 5)")
-    guidance: float = setting(1.1, "classifier-free guidance weight w (official halfcheetah 1.1)")
-    target_return: float = setting(5300.0, "episode return the planner conditions on (official halfcheetah-medium "
-                                           "5300); 0 = read off the data: its best episode return")
-    rtg_scale: float = setting(1000.0, "returns-to-go are divided by this (official 1000)")
-    rtg_floor: float = setting(1 / 3, "the decremented target never drops below this fraction of its start")
-    # DEVIATION: the denoiser is conditioned on a fixed target, the best discounted return-to-go in the data
-    # (Decision Diffuser's way), where the official code passes the transformer's decremented return-to-go.
-    cond_target: float = setting(1.0, "the denoiser's condition while planning, in units of cond_scale (1 = the "
-                                      "best discounted return-to-go in the data); 0 = the transformer's current, "
-                                      "decremented return-to-go (official)")
-    n_candidates: int = setting(32, "plans per decision, ranked by the critic (official 32)")
-    critic_temperature: float = setting(1.0, "softmax temperature over critic values; 0 = argmax (official 1)")
-    refine_noise: bool = setting(True, "noise the plan to level k before refining; --no-refine-noise = official")
-    legacy_dynamics: bool = setting(False, "evaluate in the dynamics of mujoco-py on MuJoCo 2.1 (envs.py), the "
-                                           "simulator D4RL's locomotion data came from; on by default for D4RL's "
-                                           "*-v2 locomotion names, --no-legacy-dynamics opts out")
-
-
-# ----------------------------------------------------------------------------------------------------
-# Networks from constructor arguments, and checkpoints
-# ----------------------------------------------------------------------------------------------------
-def build_networks(model_args: dict) -> dict[str, nn.Module]:
-    """The networks named in model_args (a checkpoint's "model_args"), on the CPU, plus "ema", a frozen copy of
-    the denoiser that planning uses. The denoiser's x_0 clamp is a buffer: its weights bring their own."""
-    unet = TemporalUnet(**model_args["unet"])
-    denoiser = GaussianDiffusion(unet, **model_args["diffusion"])
-    nets = {"transformer": TrajectoryTransformer(**model_args["transformer"]), "diffusion": denoiser,
-            "ema": copy.deepcopy(denoiser).requires_grad_(False), "invdyn": InverseDynamics(**model_args["invdyn"])}
-    if "critic" in model_args:
-        nets["critic"] = Critic(**model_args["critic"])
-    return nets
-
-
-def load_checkpoint(path, map_location="cpu") -> dict:
-    """Safe load (weights_only=True: a file from someone else cannot run code) with one-line errors."""
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"checkpoint {path} does not exist; train one with python train.py --out DIR "
-                         f"(it writes DIR/checkpoint.pt)")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means the same thing to the user
-        reason = ("it holds Python objects that a safe load (weights_only=True) refuses to build"
-                  if type(e).__name__ == "UnpicklingError" else f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
-        raise UsageError(f"checkpoint {path} could not be read ({reason}); is it a train.py checkpoint?") from e
-    version = ckpt.get("format_version") if isinstance(ckpt, dict) else None
-    if version != FORMAT_VERSION:
-        raise UsageError(f"checkpoint {path} has format version {version}, this code reads version "
-                         f"{FORMAT_VERSION}; retrain it, or use the project version that wrote it")
-    return ckpt
-
-
-def planning_copy(ckpt: dict) -> dict:
-    """A checkpoint that can act but not resume: the config, model_args, normalizer and the networks planning
-    uses (transformer, EMA denoiser, inverse dynamics, critic), without optimizer, RNG or raw denoiser."""
-    slim = {k: v for k, v in ckpt.items() if k not in ("models", "optimizer", "scheduler", "rng")}
-    slim.update(models={k: v for k, v in ckpt["models"].items() if k != "diffusion"}, planning_only=True)
-    return slim
-
+from config import PlanConfig, build_networks, load_checkpoint
+from data import UsageError
+from inverse_dynamics import select_candidate
+from machine import pick_device, set_matmul_precision, set_threads
 
 # ----------------------------------------------------------------------------------------------------
 # The planner

@@ -35,6 +35,7 @@ import data
 import envs
 import bench
 import config
+import machine
 import plan
 import train
 
@@ -1334,7 +1335,8 @@ def test_envs_locomotion_clips_actions_like_d4rl(name):
     info = data.DATASETS[name]
     a = 2.5 * np.linspace(-1.0, 1.0, info.act_dim)  # (A,) entries outside [-1, 1]
     steps = []
-    for env, action in ((data.make_env(name), a), (data.make_env(name), np.clip(a, -1, 1)),
+    for env, action in ((data.make_env(name, legacy_dynamics=False), a),
+                        (data.make_env(name, legacy_dynamics=False), np.clip(a, -1, 1)),
                         (envs._make(info, None), a)):  # the last: gymnasium's env without our wrappers
         env.reset(seed=0)
         obs, reward, *_ = env.step(action)
@@ -1418,17 +1420,17 @@ def test_precision_default_is_strict_fp32(tiny_run, monkeypatch):
     assert train.Config().reduced_precision is False and train.Config().amp is False
     cpu = torch.device("cpu")
     try:
-        desc = data.set_matmul_precision(cpu)
+        desc = machine.set_matmul_precision(cpu)
         assert desc.startswith("fp32"), desc
-        err = data.matmul_probe_error()
+        err = machine.matmul_probe_error()
         print(desc, f"probe error {err:.2e}")
         assert err < 1e-5
-        monkeypatch.setattr(data, "matmul_probe_error", lambda: 2.3e-3)  # what an AMX CPU measured
-        desc = data.set_matmul_precision(cpu)
+        monkeypatch.setattr(machine, "matmul_probe_error", lambda: 2.3e-3)  # what an AMX CPU measured
+        desc = machine.set_matmul_precision(cpu)
         assert desc.startswith("fp32 (MKL") and torch.backends.mkldnn.matmul.fp32_precision == "ieee", desc
-        assert data.set_matmul_precision(cpu, reduced=True).startswith("bf16")
+        assert machine.set_matmul_precision(cpu, reduced=True).startswith("bf16")
     finally:
-        data.set_matmul_precision(cpu, onednn=False)
+        machine.set_matmul_precision(cpu, onednn=False)
 
 
 def test_cli_keep_at_keeps_planning_copies(tmp_path):
@@ -2138,7 +2140,7 @@ def test_glue_fused_step_equals_per_network_steps(tmp_path, concurrent):
                 assert logged[step][k] == pytest.approx(float(v), rel=1e-4, abs=1e-6), (step, k)
     finally:
         torch.set_num_threads(threads)
-        data.set_matmul_precision(torch.device("cpu"), onednn=False)
+        machine.set_matmul_precision(torch.device("cpu"), onednn=False)
 
 
 # ====================================================================================================
@@ -2482,17 +2484,46 @@ def test_reliability_eval_every_leaves_the_training_stream(rel_run_dir, tmp_path
             assert torch.equal(a[net][k], b[net][k]), (net, k)
 
 
+RANK_PROBE = """
+import sys, torch
+sys.path.insert(0, sys.argv.pop(1))
+dump = sys.argv.pop(1)
+import data, train
+seen = {"first_windows": None, "evaluations": 0}
+sample, restore, evaluate, finish = data.WindowSampler.sample, train.Run.restore, train.evaluate, train.Run.finish
+def probe_sample(self, *a):
+    batch = sample(self, *a)
+    seen["first_windows"] = seen["first_windows"] or batch["start"].tolist()
+    return batch
+def probe_restore(self, *a):
+    out = restore(self, *a)
+    seen["torch_rng"] = torch.get_rng_state()  # the torch stream (noise, dropout) this rank starts from
+    return out
+def probe_evaluate(*a, **k):
+    seen["evaluations"] += 1
+    return evaluate(*a, **k)
+def probe_finish(self, nets):
+    torch.save(dict(seen, models={k: m.state_dict() for k, m in nets.items()}), f"{dump}/rank{self.rank}.pt")
+    return finish(self, nets)
+data.WindowSampler.sample, train.Run.restore, train.evaluate, train.Run.finish = (
+    probe_sample, probe_restore, probe_evaluate, probe_finish)
+sys.exit(train.main())
+"""
+
+
 def test_reliability_torchrun_two_ranks(rel_run_dir, tmp_path):
-    """Two gloo ranks: each writes its own final weights (TD_RANK_DUMP), which must be equal; their first
-    windows and their torch streams (diffusion noise, dropout) must differ (each rank draws its own); only
-    rank 0 logs, writes files and evaluates. Catches: every rank seeded alike (Run.restore's `if rank:`)."""
+    """Two gloo ranks: each rank's final weights (dumped by a probe that wraps train.py from outside) must be
+    equal; their first windows and their torch streams (diffusion noise, dropout) must differ (each rank draws
+    its own); only rank 0 logs, writes files and evaluates. Catches: every rank seeded alike (Run.restore's
+    `if rank:`)."""
     _, ds = rel_run_dir
     out, dump = tmp_path / "ddp", tmp_path / "dump"
     dump.mkdir()
-    args = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", "--env", REL_ENV,
-            "--dataset", ds, "--steps", 20, "--out", out, "--save-every", 10, "--log-every", 5,
-            "--ema-start", 0] + REL_TINY + ["--eval-episodes", 1, "--batch-envs", 1]  # EMA from step 0 agrees too
-    proc = rel_run(args, timeout=300, OMP_NUM_THREADS="1", TD_RANK_DUMP=str(dump))
+    (tmp_path / "probe.py").write_text(RANK_PROBE)
+    args = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", tmp_path / "probe.py", REL_ROOT,
+            dump, "--env", REL_ENV, "--dataset", ds, "--steps", 20, "--out", out, "--save-every", 10,
+            "--log-every", 5, "--ema-start", 0] + REL_TINY + ["--eval-episodes", 1, "--batch-envs", 1]
+    proc = rel_run(args, timeout=300, OMP_NUM_THREADS="1")  # EMA from step 0 agrees too
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "world size 2" in proc.stdout
     r0, r1 = (torch.load(dump / f"rank{r}.pt", weights_only=True) for r in (0, 1))

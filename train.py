@@ -35,34 +35,15 @@ import torch
 import torch.nn as nn
 
 import data as D
-from data import UsageError, atomic_write, pick_device, set_matmul_precision, set_threads
-from config import Config, build_parser, resolve_config, target_from_data
-from plan import (FORMAT_VERSION, PlanConfig, Planner, build_networks, evaluate, format_result, load_checkpoint,
-                  planning_copy)
+from data import UsageError
+from machine import atomic_write, pick_device, set_matmul_precision, set_threads
+from config import Config, build_parser, model_args, resolve_config, target_from_data
+from config import FORMAT_VERSION, PlanConfig, build_networks, load_checkpoint, planning_copy
+from plan import Planner, evaluate, format_result
 
 # ----------------------------------------------------------------------------------------------------
-# Models: each network's constructor arguments are saved in the checkpoint, so plan.py rebuilds them alone
+# The optimizer, the learning rate and the EMA (the networks and their model_args are config.py's)
 # ----------------------------------------------------------------------------------------------------
-def model_args(cfg: Config, state_dim: int, action_dim: int, normalizer) -> dict:
-    """Constructor arguments of every network (plan.build_networks builds them). The normalizer's per-dimension
-    data range becomes the denoiser's x_0 clamp, a buffer that its state_dict then carries."""
-    S, A = state_dim, action_dim
-    args = {
-        "transformer": dict(state_dim=S, half_dim=cfg.tf_half_dim, n_layer=cfg.tf_layers, n_head=cfg.tf_heads,
-                            ffn_dim=cfg.tf_ffn, dropout=cfg.tf_dropout, max_len=cfg.context + cfg.horizon - 1,
-                            causal=cfg.causal),
-        "unet": dict(state_dim=S, dim=cfg.unet_dim, dim_mults=[int(m) for m in str(cfg.unet_mults).split(",")],
-                     horizon=cfg.horizon, time_mult=cfg.unet_time_mult, full_skip=cfg.unet_full_skip),
-        "diffusion": dict(horizon=cfg.horizon, state_dim=S, n_timesteps=cfg.n_timesteps, schedule=cfg.schedule,
-                          cond_drop_prob=cfg.cond_drop_prob, prediction=cfg.prediction, clip_denoised=cfg.x0_clamp,
-                          x_low=normalizer.low.tolist(), x_high=normalizer.high.tolist()),
-        "invdyn": dict(state_dim=S, action_dim=A, hidden=cfg.invdyn_hidden),
-    }
-    if cfg.use_critic:
-        args["critic"] = dict(state_dim=S, action_dim=A, hidden=cfg.critic_hidden)
-    return args
-
-
 TRAINED = ("transformer", "diffusion", "invdyn", "critic")  # "ema" follows "diffusion" and is not trained
 
 
@@ -149,25 +130,13 @@ def train(given: dict) -> Path:
             losses["critic"] = nets["critic"].loss(win["states"], win["actions"], win["rtg"][..., 0], win["mask"])
         return losses
 
-    def forward_backward(loss_fn, *args) -> dict:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda"):
-            losses = loss_fn(*args)
-        sum(losses.values()).backward()
-        return losses
-
     def train_step(batch: dict) -> dict:
         """The four losses, their backward and one optimizer step. The networks share no parameters, so the
         backward of each part's sum gives every network exactly its own loss's gradient. Returns the losses."""
         win = {k: v[:, :H] for k, v in batch.items() if v.dim() >= 2}  # (B, H, .) the window's first H steps
-        # the denoiser's t, noise and condition mask are drawn first, then the transformer's dropout: one RNG order
-        # whether or not the transformer runs in the worker thread (the only one that draws while both run)
-        draws = nets["diffusion"].training_draws(win["states"])
+        draws = nets["diffusion"].training_draws(win["states"])  # t, noise, condition mask: drawn first
         optimizer.zero_grad(set_to_none=True)
-        if run.pool is None:
-            losses = {**forward_backward(transformer_loss, batch), **forward_backward(trajectory_losses, win, draws)}
-        else:
-            future = run.pool.submit(forward_backward, transformer_loss, batch)
-            losses = {**forward_backward(trajectory_losses, win, draws), **future.result()}
+        losses = run.backward((transformer_loss, batch), (trajectory_losses, win, draws))  # loss.backward() each
         run.average_gradients(optimizer)  # torchrun: the mean over ranks
         if cfg.grad_clip > 0:
             for group in optimizer.param_groups:
@@ -175,17 +144,12 @@ def train(given: dict) -> Path:
         optimizer.step()
         return {k: v.detach() for k, v in losses.items()}
 
-    if cfg.compile:  # inductor fuses each part's forward and backward; the hand-written code is what it compiles
-        transformer_loss, trajectory_losses = torch.compile(transformer_loss), torch.compile(trajectory_losses)
-    if cfg.cuda_graph:
-        from bench import CudaGraphed  # replays train_step as one CUDA graph (3 eager warm-up steps first)
-        train_step = CudaGraphed(train_step, warmup=3)
-
+    transformer_loss, trajectory_losses, train_step = run.accelerate(transformer_loss, trajectory_losses, train_step)
     from tqdm import tqdm
     for m in nets.values():
         m.train()
     bar = tqdm(total=cfg.steps, initial=step, disable=run.rank > 0, dynamic_ncols=True, desc="train")
-    t_log, s0, acc, n_acc = time.time(), step, {}, 0
+    t_log, acc, n_acc = time.time(), {}, 0
     keep_at = keep_steps(cfg.keep_at)  # a checkpoint is saved there too, and a planning-only copy kept
     while step < cfg.steps:
         batch = sampler.sample(cfg.batch_size, data_gen)  # (B, C + H - 1, .) windows
@@ -193,8 +157,6 @@ def train(given: dict) -> Path:
         scheduler.step()
         step += 1
         ema_update(nets["ema"], nets["diffusion"], step, cfg)
-        if step == s0 + 1:  # torchrun's test checks that the ranks drew different windows
-            run.first_windows = batch["start"].tolist()
         acc, n_acc = {k: acc.get(k, 0.0) + v for k, v in losses.items()}, n_acc + 1
         bar.update(1)
         if step % cfg.log_every == 0 or step == cfg.steps:
@@ -257,7 +219,7 @@ class Run:
             self.pool = ThreadPoolExecutor(1, thread_name_prefix="transformer")
             torch.set_num_threads(self.threads // 2)
         self.out = check_run_dir(cfg)
-        self.ckpt, self.first_windows, self.evaluations = None, None, 0
+        self.ckpt = None
         if cfg.resume:  # the checkpoint's config wins, except this invocation's machine and the budget given now
             self.ckpt = load_checkpoint(self.out / "checkpoint.pt")
             if self.ckpt.get("planning_only"):
@@ -297,7 +259,6 @@ class Run:
         if rank:  # the checkpoint holds rank 0's streams; the other ranks take their own, per rank and step
             torch.manual_seed(cfg.seed + rank + world * step)
             data_gen.manual_seed(cfg.seed * 1000 + rank + world * step)
-        self.torch_rng = torch.get_rng_state()  # torchrun's test: the torch stream (noise, dropout) this rank starts
         if rank == 0 and step:  # metrics logged after the checkpoint we resume from belong to no run now
             path = self.out / "metrics.jsonl"
             rows = [line for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
@@ -322,6 +283,33 @@ class Run:
         if step:
             print(f"resuming from step {step}")
 
+    def backward(self, *parts) -> dict:
+        """Each part is (loss_fn, *args): its losses' sum, forward (bf16 autocast with --amp on CUDA) and backward.
+        With the worker thread (--concurrent, a CPU with 2+ threads) the first part runs there beside the others.
+        The first part draws only dropout and the others draw nothing (their draws were made before), so the
+        RNG order is the same either way. Returns every part's losses."""
+        def forward_backward(loss_fn, *args) -> dict:
+            amp = self.cfg.amp and self.device.type == "cuda"
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
+                losses = loss_fn(*args)
+            sum(losses.values()).backward()
+            return losses
+        if self.pool is None:
+            return {k: v for part in parts for k, v in forward_backward(*part).items()}
+        future = self.pool.submit(forward_backward, *parts[0])
+        losses = {k: v for part in parts[1:] for k, v in forward_backward(*part).items()}
+        return {**losses, **future.result()}
+
+    def accelerate(self, transformer_loss, trajectory_losses, train_step):
+        """--compile: inductor fuses each loss part's forward and backward (the hand-written code is what it
+        compiles); --cuda-graph: the whole step replayed as one CUDA graph after 3 eager warm-up steps."""
+        if self.cfg.compile:
+            transformer_loss, trajectory_losses = torch.compile(transformer_loss), torch.compile(trajectory_losses)
+        if self.cfg.cuda_graph:
+            from bench import CudaGraphed
+            train_step = CudaGraphed(train_step, warmup=3)
+        return transformer_loss, trajectory_losses, train_step
+
     def average_gradients(self, optimizer) -> None:
         """torchrun: replace every gradient by its mean over the ranks, in one all-reduce."""
         if self.world == 1:
@@ -344,7 +332,7 @@ class Run:
 
     def save(self, step, nets, optimizer, scheduler, normalizer, data_gen, args) -> None:
         """checkpoint.pt, atomically (temp file, fsync, rename), loadable with weights_only=True; at a --keep-at
-        step also keep/step<N>.pt, a planning-only copy (plan.planning_copy) that later saves do not overwrite."""
+        step also keep/step<N>.pt, a planning-only copy (config.planning_copy) that later saves do not overwrite."""
         if self.rank:
             return
         rng = {"torch": torch.get_rng_state(), "data": data_gen.get_state()}
@@ -364,7 +352,6 @@ class Run:
         """Rank 0 plans cfg.eval_episodes episodes with the EMA denoiser and logs the score."""
         if self.rank:
             return
-        self.evaluations += 1
         cfg = self.cfg
         torch.set_num_threads(self.threads)  # planning is one thread of work: give it every thread
         set_matmul_precision(self.device, cfg.reduced_precision, onednn=False)  # small planning batches: MKL
@@ -377,10 +364,6 @@ class Run:
         set_matmul_precision(self.device, cfg.reduced_precision)
 
     def finish(self, nets) -> Path:
-        if os.environ.get("TD_RANK_DUMP"):  # torchrun's test: each rank's weights, first windows, torch stream, evals
-            torch.save({"models": {k: m.state_dict() for k, m in nets.items()}, "first_windows": self.first_windows,
-                        "torch_rng": self.torch_rng, "evaluations": self.evaluations},
-                       Path(os.environ["TD_RANK_DUMP"]) / f"rank{self.rank}.pt")
         if self.rank == 0:
             from bench import plot_curves
             plot_curves(self.out / "metrics.jsonl", self.out / "curves.png")

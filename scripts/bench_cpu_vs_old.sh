@@ -9,6 +9,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OLD=${OLD:-647e500}; STEPS=${STEPS:-600}; REPS=${REPS:-3}; THREADS=${THREADS:-2}; TMP=${TMP:-/tmp/td_bench_cpu}
+CPU=$(lscpu | sed -n 's/^Model name:[[:space:]]*//p' | head -1); [ -n "$CPU" ] || CPU=$(uname -m)
+echo "CPU: $CPU ($(nproc) cores available, $THREADS threads)"
 rm -rf "$TMP"; mkdir -p "$TMP"; git worktree prune
 git worktree add --detach "$TMP/old" "$OLD" > /dev/null
 ARGS="--env halfcheetah-medium-sb3 --steps $STEPS --log-every $STEPS --eval-episodes 0 --threads $THREADS"
@@ -16,24 +18,24 @@ rate() { python3 -c "import json,sys; print(json.loads(open(sys.argv[1]).read().
 for r in $(seq "$REPS"); do
   (cd "$TMP/old" && python3 train.py $ARGS --out "$TMP/old_$r" > /dev/null 2>&1)
   python3 train.py $ARGS --out "$TMP/new_$r" "$@" > /dev/null 2>&1
-  echo "rep $r: old $(rate "$TMP/old_$r/metrics.jsonl") it/s, new $(rate "$TMP/new_$r/metrics.jsonl") it/s"
+  echo "[$CPU] rep $r: old $(rate "$TMP/old_$r/metrics.jsonl") it/s, new $(rate "$TMP/new_$r/metrics.jsonl") it/s"
 done
 B="--batches 1 --ks 5 --decisions ${DECISIONS:-10} --reference-decisions ${REF_DECISIONS:-3} --threads $THREADS"
 (cd "$TMP/old" && python3 plan.py --checkpoint "$TMP/old_1/checkpoint.pt" --benchmark $B --json "$TMP/old_bench.json" > /dev/null 2>&1)
 python3 bench.py --checkpoint "$TMP/new_1/checkpoint.pt" --benchmark $B --json "$TMP/new_bench.json" > /dev/null 2>&1
 git worktree remove --force "$TMP/old"
-python3 - "$TMP" "$REPS" <<'PY'
+python3 - "$TMP" "$REPS" "$CPU" <<'PY'
 import json, statistics, sys
-tmp, reps = sys.argv[1], int(sys.argv[2])
+tmp, reps, cpu = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 def rate(p): return json.loads(open(p).read().splitlines()[-1])["it_per_s"]
 old = [rate(f"{tmp}/old_{r}/metrics.jsonl") for r in range(1, reps + 1)]
 new = [rate(f"{tmp}/new_{r}/metrics.jsonl") for r in range(1, reps + 1)]
-print(f"training, median it/s: old {statistics.median(old):.1f}, new {statistics.median(new):.1f}, "
+print(f"[{cpu}] training, median it/s: old {statistics.median(old):.1f}, new {statistics.median(new):.1f}, "
       f"new/old {statistics.median(new) / statistics.median(old):.2f}x")
 rows = {n: json.load(open(f"{tmp}/{n}_bench.json"))["rows"] for n in ("old", "new")}
 def pick(rows, planner, k, cand):
     return [r for r in rows if r["planner"] == planner and r["k"] == k and r["candidates"] == cand and r["batch"] == 1][-1]
-print(f"{'planning, ms per decision':38s} {'old':>9s} {'new':>9s} {'old/new':>8s}")
+print(f"[{cpu}] {'planning, ms per decision':38s} {'old':>9s} {'new':>9s} {'old/new':>8s}")
 for label, planner, k, cand in (("td (k = 5), checkpoint above", "td", 5, 1), ("transformer, checkpoint above", "transformer", 0, 1),
                                 ("td-official, 32 candidates", "td-official", 5, 32), ("td-official, 1 candidate", "td-official", 5, 1),
                                 ("dd-reference", "dd-reference", 200, 1)):
