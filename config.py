@@ -40,7 +40,7 @@ def setting(default, help):
 
 @dataclass
 class PlanConfig:
-    """The settings a decision needs. train.Config extends this with the training and model settings, and a
+    """The settings a decision needs. Config extends this with the training and model settings, and a
     checkpoint stores all of them; a planner reads back the fields below."""
     env: str = setting("halfcheetah-medium-v2", "dataset name (python data.py --list shows all), or minari:ID for "
                                                 "a Minari dataset, e.g. minari:mujoco/hopper/medium-v0")
@@ -108,7 +108,7 @@ class Config(PlanConfig):
     eval_episodes: int = setting(10, "evaluation episodes at the end (official 10); 0 skips evaluation")
     eval_seed: int = setting(100, "first evaluation episode's env seed (episodes use eval_seed + i)")
     batch_envs: int = setting(10, "environments planned together in one batched call during evaluation")
-    amp: bool = setting(False, "bf16 autocast for the training forward passes (CUDA only)")
+    amp: bool = setting(False, "opt-in: bf16 autocast for the training forward passes (CUDA only; reduced precision)")
     cuda_graph: bool = setting(False, "capture the whole training step as one CUDA graph and replay it "
                                       "(CUDA, 1 process; bench.CudaGraphed)")
     compile: bool = setting(False, "torch.compile the losses (forward and backward fused by inductor); pair with "
@@ -159,7 +159,7 @@ class Config(PlanConfig):
     use_critic: bool = setting(True, "train the candidate critic (official: yes)")
 
 
-# One table of per-dataset settings. Official rows come from the official main.py (DESIGN.md);
+# One table of per-dataset settings. Official rows come from the official code's main.py (commit 214039d);
 # names the official table lacks take their family's medium (or partial) settings, as documented.
 _LOCO = {  # env: (H, k, w, {quality: target return})
     "halfcheetah": (8, 5, 1.1, {"medium-expert": 12000, "medium-replay": 5300, "medium": 5300}),

@@ -1,0 +1,106 @@
+"""The ladder's table and picture, from the JSON scripts/ladder.sh writes into results/ladder/.
+
+    python scripts/plot_ladder.py --results results/ladder --png docs/ladder.png
+
+For every rung and planner: the mean score of each training seed, then the mean and std across seeds. Prints a
+markdown table (also written to results/ladder/summary.md) and draws one group of bars per rung (transformer
+alone, td at the rung's k and w, diffusion from noise), with the data's mean, its best source and BC as lines.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+RUNGS = {
+    0: "official (--method official)",
+    1: "+ causal mask",
+    2: "+ data fixes (episodes, padding, one normalizer)",
+    3: "+ noise before refining",
+    4: "+ a denoiser that generates from noise",
+    5: "+ discounted, fixed-target condition",
+    6: "ours (k = 1, w = 1.2, 1 candidate, the rest)",
+}
+SHORT = {0: "official", 1: "+causal", 2: "+data", 3: "+noise", 4: "+denoiser", 5: "+condition", 6: "ours"}
+PLANNERS = {"transformer": "transformer alone", "td": "td (rung's k, w)", "diffusion": "diffusion from noise"}
+REFERENCE = {"data mean": 24.2, "best source": 38.3, "BC": 2.2}  # halfcheetah-medium-replay-sb3
+
+
+def collect(results: Path) -> dict:
+    """{(rung, planner): {seed: result}}"""
+    out = defaultdict(dict)
+    for f in glob.glob(str(results / "r*_s*_*.json")):
+        m = re.match(r"r(\d+)_s(\d+)_(\w+)\.json$", Path(f).name)
+        if m:
+            out[(int(m.group(1)), m.group(3))][int(m.group(2))] = json.loads(Path(f).read_text())
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--results", default="results/ladder")
+    p.add_argument("--png", default="docs/ladder.png")
+    args = p.parse_args()
+    results = Path(args.results)
+    data = collect(results)
+    rungs = sorted({r for r, _ in data})
+    lines = ["| rung | k, w, candidates | " + " | ".join(PLANNERS.values()) + " |", "|---|---|" + "---|" * len(PLANNERS)]
+    summary = {}
+    for r in rungs:
+        cells, setting = [], ""
+        for planner in PLANNERS:
+            runs = data.get((r, planner), {})
+            if not runs:
+                cells.append("n/a" if planner == "diffusion" else "")
+                continue
+            means = np.array([v["normalized_score_mean"] for v in runs.values()])
+            eps = sorted({v["episodes"] for v in runs.values()})
+            summary[f"{r}/{planner}"] = {"mean": float(means.mean()), "std": float(means.std()), "seeds": sorted(runs),
+                                         "per_seed": [float(x) for x in means], "episodes_per_seed": eps}
+            cells.append(f"{means.mean():.1f} ± {means.std():.1f} ({len(runs)}x{'/'.join(map(str, eps))})")
+            if planner == "td":
+                v = next(iter(runs.values()))
+                setting = f"k = {v['k']}, w = {v['guidance']}, {v['candidates']}"
+        lines.append(f"| ({r}) {RUNGS[r]} | {setting} | " + " | ".join(cells) + " |")
+    lines += [f"| {k} | | " + " | ".join(f"{v:.1f}" for _ in PLANNERS) + " |" for k, v in REFERENCE.items()]
+    text = "\n".join(lines)
+    print(text)
+    (results / "summary.md").write_text(text + "\n")
+    (results / "summary.json").write_text(json.dumps(summary, indent=1))
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(1.6 * max(3, len(rungs)) + 2, 4.4))
+    width = 0.8 / len(PLANNERS)
+    for i, (planner, label) in enumerate(PLANNERS.items()):
+        xs, ms, sds = [], [], []
+        for j, r in enumerate(rungs):
+            s = summary.get(f"{r}/{planner}")
+            if s:
+                xs.append(j + (i - 1) * width), ms.append(s["mean"]), sds.append(s["std"])
+        ax.bar(xs, ms, width, yerr=sds, capsize=3, label=label)
+        for x, j in zip(xs, [r for r in rungs if summary.get(f"{r}/{planner}")]):
+            per = summary[f"{j}/{planner}"]["per_seed"]
+            ax.plot([x] * len(per), per, "k.", markersize=3)
+    for (name, v), style in zip(REFERENCE.items(), (":", "--", "-.")):
+        ax.axhline(v, color="gray", linestyle=style, linewidth=1)
+        ax.annotate(f"{name} {v:.1f}", (1.0, v), xycoords=("axes fraction", "data"), fontsize=8, ha="right",
+                    va="bottom", color="gray")
+    ax.set_xticks(range(len(rungs)), [f"({r}) {SHORT[r]}" for r in rungs])
+    ax.set_ylabel("D4RL normalized score (episode seeds 1000+)")
+    ax.set_title("halfcheetah-medium-replay-sb3, --preset cpu: from the published method to ours "
+                 "(bars: mean ± std over training seeds; dots: seeds)", fontsize=9)
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(args.png, dpi=110)
+    print(f"wrote {args.png}, {results / 'summary.md'}, {results / 'summary.json'}")
+
+
+if __name__ == "__main__":
+    main()
