@@ -83,6 +83,7 @@ class Config(PlanConfig):
                                   "sizes, budget and target stay the row's and the preset's); flags override it")
     out: str = setting("", "run directory; empty = runs/<env>-s<seed>")
     resume: bool = setting(False, "continue the run in --out from its checkpoint.pt")
+    # DEVIATION: seeds are applied (torch, the data order, the environments); the official --seed is never used.
     seed: int = setting(0, "seed of torch (weights, noise, dropout) and of the data order")
     device: str = setting("auto", "auto|cpu|cuda|mps; auto picks cuda, then mps, then cpu")
     threads: int = setting(0, "torch CPU threads; 0 = the cores available to this process (per rank)")
@@ -97,6 +98,8 @@ class Config(PlanConfig):
     ema_decay: float = setting(0.995, "EMA decay of the denoiser (official 0.995)")
     ema_every: int = setting(2, "EMA update period in steps (official 2)")
     ema_start: int = setting(10_000, "before this step the EMA is a plain copy (official 10k)")
+    # DEVIATION: before ema_start the EMA is copied every ema_every steps, one rule for the whole run (official:
+    # a copy at every step); the EMA is a copy of the denoiser either way.
     ema_copy_each_step: bool = setting(False, "before ema_start, copy at every step (official) rather than every "
                                               "ema_every steps")
     grad_clip: float = setting(0.0, "max gradient norm per network; 0 = off (official: off)")
@@ -152,8 +155,11 @@ class Config(PlanConfig):
     prediction: str = setting("v", "what the denoiser predicts: v (Salimans & Ho 2022) or eps (official, DD)")
     invdyn_hidden: int = setting(256, "inverse-dynamics MLP width (official 256)")
     invdyn_clamp_loss: bool = setting(False, "clamp the predicted action to [-1, 1] inside the loss (official)")
+    # DEVIATION: inverse dynamics trains on next states in the states' normalization, the one it reads at execution
+    # (two planned states); the official code normalizes next_observations by their own statistics.
     invdyn_next_own_stats: bool = setting(False, "train inverse dynamics on next states normalized by their own "
                                                  "statistics (official) rather than the states' normalizer")
+    # DEVIATION: one lr schedule for every network; the official critic keeps its initial lr.
     critic_lr_decay: bool = setting(True, "the critic's lr decays with the others' (official: it stays constant)")
     critic_hidden: int = setting(128, "critic MLP width (official 128)")
     use_critic: bool = setting(True, "train the candidate critic (official: yes)")

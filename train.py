@@ -48,8 +48,8 @@ TRAINED = ("transformer", "diffusion", "invdyn", "critic")  # "ema" follows "dif
 
 
 def make_optimizer(cfg: Config, nets: dict, capturable: bool = False) -> torch.optim.Optimizer:
-    """One AdamW over every trained network, one parameter group each (official: AdamW with weight decay for
-    the denoiser, Adam for the others; AdamW with weight_decay 0 is Adam). One optimizer steps them all
+    """DEVIATION: one AdamW over every trained network, one parameter group each (official: AdamW with weight decay
+    for the denoiser, Adam for the others; AdamW with weight_decay 0 is Adam, so the update is the same). One optimizer steps them all
     with one fused kernel per group, where per-network optimizers launch four times as many."""
     groups = [{"params": list(nets[k].parameters()), "name": k, "weight_decay": cfg.weight_decay if k == "diffusion"
                else 0.0} for k in TRAINED if k in nets]
