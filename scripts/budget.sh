@@ -10,6 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-results/budget}; EP=${EP:-20}; DEP=${DEP:-10}; STEPS=${STEPS:-40000}
 KEEP=${KEEP:-5000,10000,20000,40000}; KBEST=${KBEST:-2}
+DIFF_STEPS=${DIFF_STEPS:-${KEEP//,/ }}  # steps where diffusion from noise is scored (each run costs ~8 CPU-minutes)
 SEEDS=${SEEDS:-"0 1 2"}; DATASETS=${DATASETS:-halfcheetah-medium-replay-sb3}; JOBS=${JOBS:-2}
 mkdir -p "$OUT" logs runs/budget
 T="python train.py --threads 1 --eval-episodes 0 --steps $STEPS --lr-decay-steps $STEPS --keep-at $KEEP"
@@ -27,7 +28,7 @@ evaluate)
     [ -f "${o}_td_k1.json" ] || echo "$P --checkpoint $c --planner td --refine-steps 1 --episodes $EP --batch-envs $EP --json ${o}_td_k1.json"
     [ -f "${o}_td_k5.json" ] || echo "$P --checkpoint $c --planner td --refine-steps 5 --episodes $DEP --batch-envs $DEP --json ${o}_td_k5.json"
     [ -f "${o}_td_k$KBEST.json" ] || echo "$P --checkpoint $c --planner td --refine-steps $KBEST --episodes $DEP --batch-envs $DEP --json ${o}_td_k$KBEST.json"
-    [ -f "${o}_diffusion.json" ] || echo "$P --checkpoint $c --planner diffusion --episodes $DEP --batch-envs $DEP --json ${o}_diffusion.json"
+    if [[ " $DIFF_STEPS " == *" $step "* ]] && [ ! -f "${o}_diffusion.json" ]; then echo "$P --checkpoint $c --planner diffusion --episodes $DEP --batch-envs $DEP --json ${o}_diffusion.json"; fi
   done; done; done | xargs -P "$JOBS" -I{} sh -c '{} > /dev/null' ;;
 diagnose)
   for e in $DATASETS; do for step in ${KEEP//,/ }; do
