@@ -2037,8 +2037,8 @@ def recorded_train(tmp_path_factory):
         def record(cls, attr, name):
             orig = getattr(cls, attr)
 
-            def wrapper(self, *args):
-                out = orig(self, *args)
+            def wrapper(self, *args, **kwargs):
+                out = orig(self, *args, **kwargs)
                 calls[name].append(out if name == "batch" else
                                    [a.detach().clone() if torch.is_tensor(a) else a for a in args])
                 return out
@@ -2746,7 +2746,7 @@ def test_any_eval_lockstep_hopper_matches_solo_rollouts():
     res = plan.evaluate(planner, "hopper-medium-v2", episodes=3, seed=7, batch_envs=3, progress=False)
     solo, lengths = [], []
     for i in range(3):
-        env = data.make_env("hopper-medium-v2", seed=7 + i)
+        env = data.make_env("hopper-medium-v2", seed=7 + i, legacy_dynamics=planner.cfg.legacy_dynamics)
         obs, _ = env.reset(seed=7 + i)
         ret, t, done = 0.0, 0, False
         while not done:
