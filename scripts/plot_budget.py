@@ -56,7 +56,7 @@ def main() -> None:
     p.add_argument("--datasets", nargs="+", default=["halfcheetah-medium-replay-sb3"])
     p.add_argument("--png", default="docs/budget.png")
     p.add_argument("--it-per-s", type=float, default=17.0,
-                   help="training speed for the wall-time axis (one single-threaded run per core)")
+                   help="training speed for the wall-time labels (one single-threaded run per core)")
     args = p.parse_args()
     results = Path(args.results)
     data = collect(results)
@@ -97,30 +97,35 @@ def main() -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(args.datasets), figsize=(6.5 * len(args.datasets), 4.6), squeeze=False)
-    for ax, env in zip(axes[0], args.datasets):
+    # per dataset: the whole range (with the data's references), and a zoom on the planners that plan from the data
+    fig, axes = plt.subplots(len(args.datasets), 2, figsize=(13, 4.8 * len(args.datasets)), squeeze=False)
+    for row, env in zip(axes, args.datasets):
         steps = sorted({s for (e, s, _) in data if e == env})
-        for planner in PLANNERS:
-            pts = [(s, np.array([v[0] for v in data[(env, s, planner)].values()])) for s in steps
-                   if data.get((env, s, planner))]
-            if not pts:
-                continue
-            x = np.array([s for s, _ in pts])
-            m, sd = np.array([v.mean() for _, v in pts]), np.array([v.std() for _, v in pts])
-            line, = ax.plot(x, m, marker="o", label=LABEL[planner])
-            ax.fill_between(x, m - sd, m + sd, color=line.get_color(), alpha=0.15)
-        for (name, v), style in zip(REFERENCE.get(env, {}).items(), (":", "--", "-.")):
-            ax.axhline(v, color="gray", linestyle=style, linewidth=1)
-            ax.annotate(f"{name} {v:.1f}", (1.0, v), xycoords=("axes fraction", "data"), fontsize=8,
-                        ha="right", va="bottom", color="gray")
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(steps, [f"{s // 1000}k" for s in steps])
-        ax.set_xlabel("training steps (lr decays linearly over the whole 40k-step run)")
-        ax.set_ylabel("D4RL normalized score (episode seeds 1000+)")
-        ax.set_title(f"{env}: mean ± std over training seeds")
-        top = ax.secondary_xaxis("top", functions=(lambda s: s / args.it_per_s / 60, lambda m: m * 60 * args.it_per_s))
-        top.set_xlabel(f"training wall time, minutes at {args.it_per_s:g} it/s (one CPU thread)")
-        ax.legend(fontsize=8, loc="lower right")
+        for ax, zoom in zip(row, (False, True)):
+            for planner in PLANNERS:
+                pts = [(s, np.array([v[0] for v in data[(env, s, planner)].values()])) for s in steps
+                       if data.get((env, s, planner))]
+                if not pts or (zoom and planner == "diffusion"):
+                    continue
+                x = np.array([s for s, _ in pts])
+                m, sd = np.array([v.mean() for _, v in pts]), np.array([v.std() for _, v in pts])
+                line, = ax.plot(x, m, marker="o", label=LABEL[planner])
+                ax.fill_between(x, m - sd, m + sd, color=line.get_color(), alpha=0.15)
+            for (name, v), style in zip(REFERENCE.get(env, {}).items(), (":", "--", "-.")):
+                if zoom and not 30 < v < 45:
+                    continue
+                ax.axhline(v, color="gray", linestyle=style, linewidth=1)
+                ax.annotate(f"{name} {v:.1f}", (0.01, v), xycoords=("axes fraction", "data"), fontsize=8,
+                            ha="left", va="bottom", color="gray")
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(steps, [f"{s // 1000}k\n{s / args.it_per_s / 60:.0f} min" for s in steps])
+            ax.minorticks_off()
+            ax.set_xlabel(f"training steps (lr decays over the whole run); wall time at {args.it_per_s:g} it/s, "
+                          f"one CPU thread", fontsize=8)
+            ax.set_ylabel("D4RL normalized score (episode seeds 1000+)")
+            ax.set_title(f"{env}: mean ± std over training seeds" if not zoom else "the same, zoomed: "
+                         "the transformer alone against td at k = 1, 2, 5", fontsize=10)
+            ax.legend(fontsize=8, loc="lower right" if zoom else "center right")
     fig.tight_layout()
     fig.savefig(args.png, dpi=110)
     print(f"wrote {args.png}, {results / 'summary.md'}, {results / 'summary.json'}")
