@@ -94,8 +94,9 @@ def main() -> None:
                     va="bottom", color="gray")
     ax.set_xticks(range(len(rungs)), [f"({r}) {SHORT[r]}" for r in rungs])
     ax.set_ylabel("D4RL normalized score (episode seeds 1000+)")
-    ax.set_title("halfcheetah-medium-replay-sb3, --preset cpu: from the published method to ours "
-                 "(bars: mean ± std over training seeds; dots: seeds)", fontsize=9)
+    n_seeds = max(len(v["seeds"]) for v in summary.values())
+    ax.set_title("halfcheetah-medium-replay-sb3, --preset cpu: from the published method to ours\n"
+                 f"(bars: mean ± std over training seeds, at most {n_seeds}; dots: each seed)", fontsize=9)
     ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     fig.savefig(args.png, dpi=110)
