@@ -354,6 +354,7 @@ class Run:
             return
         cfg = self.cfg
         torch.set_num_threads(self.threads)  # planning is one thread of work: give it every thread
+        training_path = torch.backends.mkldnn.matmul.fp32_precision  # the path the start-up probe chose
         set_matmul_precision(self.device, cfg.reduced_precision, onednn=False)  # small planning batches: MKL
         planner = Planner(PlanConfig(**{f: getattr(cfg, f) for f in PlanConfig.__dataclass_fields__}), nets,
                           normalizer, self.device)
@@ -361,7 +362,7 @@ class Run:
         print(f"[eval step {step}] {format_result(res)}")
         self.log({"step": step, "eval": res})
         torch.set_num_threads(self.threads // 2 if self.pool else self.threads)
-        set_matmul_precision(self.device, cfg.reduced_precision)
+        torch.backends.mkldnn.matmul.fp32_precision = training_path  # back to it, without probing again
 
     def finish(self, nets) -> Path:
         if self.rank == 0:
