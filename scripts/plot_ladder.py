@@ -3,7 +3,8 @@
     python scripts/plot_ladder.py --results results/ladder --png docs/ladder.png
 
 For every rung and planner: the mean score of each training seed, then the mean and std across seeds. Prints a
-markdown table (also written to results/ladder/summary.md) and draws one group of bars per rung (transformer
+markdown table and what each rung moved against the one before it, measured against the spread across
+seeds (also written to results/ladder/summary.md), and draws one group of bars per rung (transformer
 alone, td at the rung's k and w, diffusion from noise), with the data's mean, its best source and BC as lines.
 """
 from __future__ import annotations
@@ -68,6 +69,24 @@ def main() -> None:
                 setting = f"k = {v['k']}, w = {v['guidance']}, {v['candidates']}"
         lines.append(f"| ({r}) {RUNGS[r]} | {setting} | " + " | ".join(cells) + " |")
     lines += [f"| {k} | | " + " | ".join(f"{v:.1f}" for _ in PLANNERS) + " |" for k, v in REFERENCE.items()]
+    lines += ["", "What each rung moved (difference of the means across seeds against the larger std across seeds of the",
+              "two rungs; 'beyond' = more than twice that spread):", "",
+              "| rung | against | " + " | ".join(PLANNERS.values()) + " |", "|---|---|" + "---|" * len(PLANNERS)]
+    for prev, r in zip(rungs, rungs[1:]):
+        cells = []
+        for planner in PLANNERS:
+            a, b = summary.get(f"{prev}/{planner}"), summary.get(f"{r}/{planner}")
+            if not a or not b:
+                cells.append("")
+                continue
+            delta, spread = b["mean"] - a["mean"], max(a["std"], b["std"])
+            if min(len(a["seeds"]), len(b["seeds"])) < 2:
+                verdict = "one seed: no spread"
+            else:
+                verdict = "beyond" if abs(delta) > 2 * spread else "within"
+            summary[f"{r}-{prev}/{planner}"] = {"delta": delta, "spread": spread, "verdict": verdict}
+            cells.append(f"{delta:+.1f} (spread {spread:.1f}, {verdict})")
+        lines.append(f"| ({r}) {SHORT[r]} | ({prev}) {SHORT[prev]} | " + " | ".join(cells) + " |")
     text = "\n".join(lines)
     print(text)
     (results / "summary.md").write_text(text + "\n")
@@ -94,7 +113,7 @@ def main() -> None:
                     va="bottom", color="gray")
     ax.set_xticks(range(len(rungs)), [f"({r}) {SHORT[r]}" for r in rungs])
     ax.set_ylabel("D4RL normalized score (episode seeds 1000+)")
-    n_seeds = max(len(v["seeds"]) for v in summary.values())
+    n_seeds = max(len(v["seeds"]) for v in summary.values() if "seeds" in v)
     ax.set_title("halfcheetah-medium-replay-sb3, --preset cpu: from the published method to ours\n"
                  f"(bars: mean ± std over training seeds, at most {n_seeds}; dots: each seed)", fontsize=9)
     ax.legend(fontsize=8, loc="upper left")
