@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Two regressions, settled by measurement: today's training step against an earlier commit's, trained and scored
+# side by side on this machine (2-core CPU protocol: single-threaded processes, JOBS at a time). Each commit trains
+# and plans with its own code (a git worktree under .regress/); scores are on episode seeds 1000+.
+#   bash scripts/regressions.sh failed   # halfcheetah-medium-sb3, SEEDS x {today, 6fd4ede}: td and transformer,
+#                                        # 20 episodes per seed; episodes below 35 counted by `summary`
+#   bash scripts/regressions.sh hopper   # hopper-medium-sb3 under the D4RL name hopper-medium-v2, the way a user
+#                                        # brings a file: 647e500 with the CPU recipe by hand against --preset cpu;
+#                                        # transformer alone, 3 seeds, 20 episodes per seed
+#   bash scripts/regressions.sh summary  # per-seed means, mean ± std across seeds, failed-episode counts
+# JSON into results/regressions/, runs into runs/regressions/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD; OUT=${OUT:-results/regressions}; EP=${EP:-20}; JOBS=${JOBS:-2}
+mkdir -p "$OUT" logs runs/regressions .regress
+worktree() {  # the code of commit $1, checked out once under .regress/$1 (the datasets come from this checkout)
+  [ -d ".regress/$1" ] || git worktree add --detach ".regress/$1" "$1" > /dev/null
+  echo "$ROOT/.regress/$1"
+}
+# 647e500 had no --preset: the CPU recipe as that commit's bundled row spelled it, given by hand.
+RECIPE_647="--target-return 0 --lr 5e-4 --steps 10000 --lr-decay-steps 10000 --ema-start 1000 --save-every 2000 \
+--batch-size 64 --tf-half-dim 64 --tf-ffn 256 --tf-layers 3 --unet-dim 32 --unet-mults 1,2,4 --invdyn-hidden 256 \
+--n-candidates 1 --no-use-critic"
+HOPPER="--env hopper-medium-v2 --dataset $ROOT/datasets/hopper-medium-sb3.hdf5"
+run_jobs() { xargs -P "$JOBS" -I{} sh -c '{}'; }
+# $1 name, $2 code dir, $3 seed, $4 train flags, $5 planners: train unless done, then score each planner once
+job() {
+  local run=$ROOT/runs/regressions/$1-s$3 p
+  echo -n "cd $2 && { [ -f $run/checkpoint.pt ] || python train.py --threads 1 --eval-episodes 0 --seed $3 --out $run $4 \
+> $ROOT/logs/regress-$1-s$3.log 2>&1; }"
+  for p in $5; do
+    echo -n " && { [ -f $ROOT/$OUT/$1_s$3_$p.json ] || python plan.py --threads 1 --seed 1000 --episodes $EP \
+--batch-envs $EP --checkpoint $run/checkpoint.pt --planner $p --json $ROOT/$OUT/$1_s$3_$p.json > /dev/null 2>&1; }"
+  done
+  echo
+}
+case "${1:-}" in
+failed)
+  old=$(worktree 6fd4ede)
+  for s in ${SEEDS:-0 1 2 3 4}; do
+    job today "$ROOT" "$s" "--env halfcheetah-medium-sb3" "td transformer"
+    job c6fd4ede "$old" "$s" "--env halfcheetah-medium-sb3" "td transformer"
+  done | run_jobs ;;
+hopper)
+  old=$(worktree 647e500)
+  for s in ${SEEDS:-0 1 2}; do
+    job hopper-today "$ROOT" "$s" "$HOPPER --preset cpu" "transformer"
+    job hopper-c647e500 "$old" "$s" "$HOPPER $RECIPE_647" "transformer"
+  done | run_jobs ;;
+summary)
+  python - "$OUT" <<'EOF'
+import glob, json, re, sys
+from collections import defaultdict
+import numpy as np
+runs = defaultdict(dict)
+for f in sorted(glob.glob(f"{sys.argv[1]}/*_s*_*.json")):
+    m = re.match(r"(.+)_s(\d+)_(\w+)\.json$", f.split("/")[-1])
+    if m:
+        runs[(m.group(1), m.group(3))][int(m.group(2))] = json.load(open(f))["normalized_scores"]
+print("| code | planner | mean ± std across seeds | per seed | episodes per seed | episodes below 35 |")
+print("|---|---|---|---|---|---|")
+for (code, planner), seeds in sorted(runs.items()):
+    means = np.array([np.mean(v) for v in seeds.values()])
+    failed = sum(int(np.sum(np.array(v) < 35)) for v in seeds.values())
+    total = sum(len(v) for v in seeds.values())
+    print(f"| {code} | {planner} | {means.mean():.1f} ± {means.std():.1f} ({len(seeds)} seeds) | "
+          + ", ".join(f"{m:.1f}" for m in means) + f" | {sorted({len(v) for v in seeds.values()})} | {failed} of {total} |")
+EOF
+  ;;
+*) echo "usage: $0 failed|hopper|summary"; exit 2 ;;
+esac
