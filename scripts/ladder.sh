@@ -3,11 +3,12 @@
 # --preset cpu on the same data and scored on episode seeds 1000+ (2-core CPU: single-threaded jobs, two at a time).
 #   bash scripts/ladder.sh train [RUNGS]      # default RUNGS="0 1 2 4 5 6"; rung 3 plans with rung 2's checkpoints
 #   bash scripts/ladder.sh evaluate [RUNGS]   # transformer alone and td (20 episodes), diffusion from noise (10)
+#   PLANNERS="transformer td" SEEDS="1 2" ...   # score only these planners, train or score only these seeds
 # Scores are written as JSON into results/ladder/, runs into runs/ladder/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ENV=${ENV:-halfcheetah-medium-replay-sb3}; SEEDS=${SEEDS:-"0 1 2"}; JOBS=${JOBS:-2}; EP=${EP:-20}; DEP=${DEP:-10}
-OUT=${OUT:-results/ladder}
+OUT=${OUT:-results/ladder}; PLANNERS=${PLANNERS:-"transformer td diffusion"}  # which to score
 mkdir -p "$OUT" logs runs/ladder
 O="--method official"
 rung_flags() {  # each rung adds one change (or one named group) to the one before
@@ -35,10 +36,13 @@ evaluate)
   for r in $RUNGS; do for s in $SEEDS; do
     c=runs/ladder/r$(train_of $r)-s$s/checkpoint.pt; o=$OUT/r${r}_s$s; P="python plan.py --threads 1 --seed 1000 --checkpoint $c $(plan_flags $r)"
     [ -f "$c" ] || continue
-    [ -f ${o}_transformer.json ] || echo "$P --planner transformer --episodes $EP --batch-envs $EP --json ${o}_transformer.json"
-    [ -f ${o}_td.json ] || echo "$P --planner td --episodes $EP --batch-envs $EP --json ${o}_td.json"
-    # diffusion from noise only where the schedule reaches pure noise (cosine: rungs 4 and up)
-    [ "$r" -lt 4 ] || [ -f ${o}_diffusion.json ] || echo "$P --planner diffusion --episodes $DEP --batch-envs $DEP --json ${o}_diffusion.json"
+    has() { case " $PLANNERS " in *" $1 "*) return 0 ;; esac; return 1; }
+    # rung 3 plans with rung 2's checkpoints: its transformer alone is rung 2's (noise is a refinement setting)
+    [ "$r" = 3 ] || ! has transformer || [ -f ${o}_transformer.json ] || echo "$P --planner transformer --episodes $EP --batch-envs $EP --json ${o}_transformer.json"
+    ! has td || [ -f ${o}_td.json ] || echo "$P --planner td --episodes $EP --batch-envs $EP --json ${o}_td.json"
+    # diffusion from noise only where the schedule reaches pure noise (cosine: rungs 4 and up), one plan per
+    # decision on every rung (Decision Diffuser's baseline; 32 candidates from noise would cost 32 x 100 steps)
+    [ "$r" -lt 4 ] || ! has diffusion || [ -f ${o}_diffusion.json ] || echo "$P --planner diffusion --n-candidates 1 --episodes $DEP --batch-envs $DEP --json ${o}_diffusion.json"
   done; done | xargs -P "$JOBS" -I{} sh -c '{} > /dev/null 2>&1' ;;
 *) echo "usage: $0 train|evaluate [RUNGS]"; exit 2 ;;
 esac
