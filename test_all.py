@@ -2984,3 +2984,33 @@ def test_walkthrough_snippets_run(monkeypatch):
     torch.set_num_threads(1)
     print(f"{len(snippets)} walkthrough snippets ran in {elapsed:.1f} s")
     assert elapsed < 30, f"the walkthrough's snippets took {elapsed:.1f} s; keep them under 30 s on one thread"
+
+
+def _markdown_anchor(heading: str) -> str:
+    """GitHub's anchor for a markdown heading: lower case, punctuation dropped, spaces to hyphens."""
+    import re
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_docs_links_resolve():
+    """Every relative link in the READMEs and docs/*.md names a file of this repository, and its #anchor (if any)
+    a heading of that file. A renamed section or a moved file then fails here instead of in a reader's browser."""
+    import re
+    root = WALKTHROUGH.parent.parent
+    pages = [root / "README.md", root / "checkpoints" / "README.md", root / "datasets" / "README.md",
+             *sorted((root / "docs").glob("*.md"))]
+    broken = []
+    for page in pages:
+        text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)  # links inside code blocks are not links
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target):  # http:, https:, mailto:
+                continue
+            path, _, anchor = target.partition("#")
+            dest = (page.parent / path).resolve() if path else page
+            if not dest.exists():
+                broken.append(f"{page.relative_to(root)}: {target} (no such file)")
+            elif anchor and dest.suffix == ".md":
+                headings = re.findall(r"^#+\s+(.*)$", re.sub(r"```.*?```", "", dest.read_text(), flags=re.S), re.M)
+                if anchor not in {_markdown_anchor(h) for h in headings}:
+                    broken.append(f"{page.relative_to(root)}: {target} (no such heading)")
+    assert not broken, "broken links:\n  " + "\n  ".join(broken)
