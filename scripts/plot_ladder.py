@@ -64,7 +64,11 @@ def main() -> None:
             means = np.array([v["normalized_score_mean"] for v in runs.values()])
             eps = sorted({v["episodes"] for v in runs.values()})
             summary[f"{r}/{planner}"] = {"mean": float(means.mean()), "std": float(means.std()), "seeds": sorted(runs),
-                                         "per_seed": [float(x) for x in means], "episodes_per_seed": eps}
+                                         "per_seed": [float(x) for x in means], "episodes_per_seed": eps,
+                                         # failed episodes: below 30, where a working policy scores 37 to 41
+                                         "episodes_below_30": int(sum((np.array(v["normalized_scores"]) < 30).sum()
+                                                                      for v in runs.values())),
+                                         "episodes": int(sum(len(v["normalized_scores"]) for v in runs.values()))}
             cells.append(f"{means.mean():.1f} ± {means.std():.1f} ({len(runs)}x{'/'.join(map(str, eps))})")
             if planner == "td":
                 v = next(iter(runs.values()))
