@@ -1,11 +1,12 @@
 """The ladder's table and picture, from the JSON scripts/ladder.sh writes into results/ladder/.
 
-    python scripts/plot_ladder.py --results results/ladder --png docs/ladder.png
+    python scripts/plot_ladder.py --results results/ladder --png docs/ladder.png --into README.md docs/results.md
 
 For every rung and planner: the mean score of each training seed, then the mean and std across seeds. Prints a
-markdown table and what each rung moved against the one before it, measured against the spread across
-seeds (also written to results/ladder/summary.md), and draws one group of bars per rung (transformer
-alone, td at the rung's k and w, diffusion from noise), with the data's mean, its best source and BC as lines.
+markdown table and what each rung moved against the one before it, measured against the spread across seeds
+(also written to results/ladder/summary.md and into the marked blocks of the --into pages), and draws one group
+of bars per rung (transformer alone, td at the rung's k and w, diffusion from noise), with the data's mean, its
+best source and BC as lines.
 """
 from __future__ import annotations
 
@@ -48,6 +49,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--results", default="results/ladder")
     p.add_argument("--png", default="docs/ladder.png")
+    p.add_argument("--into", nargs="*", default=["README.md", "docs/results.md"],
+                   help="pages whose <!-- ladder: scores|moves --> ... <!-- /ladder --> blocks get the tables")
     args = p.parse_args()
     results = Path(args.results)
     data = collect(results)
@@ -75,6 +78,7 @@ def main() -> None:
                 setting = f"k = {v['k']}, w = {v['guidance']}, {v['candidates']}"
         lines.append(f"| ({r}) {RUNGS[r]} | {setting} | " + " | ".join(cells) + " |")
     lines += [f"| {k} | | " + " | ".join(f"{v:.1f}" for _ in PLANNERS) + " |" for k, v in REFERENCE.items()]
+    blocks = {"scores": "\n".join(lines)}
     lines += ["", "What each rung moved (difference of the means across seeds against the larger std across seeds of the",
               "two rungs; 'beyond' = more than twice that spread):", "",
               "| rung | against | " + " | ".join(PLANNERS.values()) + " |", "|---|---|" + "---|" * len(PLANNERS)]
@@ -85,6 +89,9 @@ def main() -> None:
             if not a or not b:
                 cells.append("")
                 continue
+            if r == 3 and planner == "transformer":
+                cells.append("(rung 2's checkpoints)")
+                continue
             delta, spread = b["mean"] - a["mean"], max(a["std"], b["std"])
             if min(len(a["seeds"]), len(b["seeds"])) < 2:
                 verdict = "one seed: no spread"
@@ -94,9 +101,15 @@ def main() -> None:
             cells.append(f"{delta:+.1f} (spread {spread:.1f}, {verdict})")
         lines.append(f"| ({r}) {SHORT[r]} | ({prev}) {SHORT[prev]} | " + " | ".join(cells) + " |")
     text = "\n".join(lines)
+    blocks["moves"] = "\n".join(lines[len(blocks["scores"].splitlines()) + 4:])  # the second table alone
     print(text)
     (results / "summary.md").write_text(text + "\n")
     (results / "summary.json").write_text(json.dumps(summary, indent=1))
+    for page in args.into:  # the tables between <!-- ladder: NAME --> and <!-- /ladder --> are rewritten
+        page = Path(page)
+        new = re.sub(r"(<!-- ladder: (\w+) -->\n)(?:.*?\n)?(<!-- /ladder -->)",
+                     lambda m: m.group(1) + blocks[m.group(2)] + "\n" + m.group(3), page.read_text(), flags=re.S)
+        page.write_text(new)
 
     import matplotlib
     matplotlib.use("Agg")
