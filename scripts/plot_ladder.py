@@ -55,14 +55,15 @@ def main() -> None:
     results = Path(args.results)
     data = collect(results)
     rungs = sorted({r for r, _ in data})
-    lines = ["| rung | k, w, candidates | " + " | ".join(PLANNERS.values()) + " |", "|---|---|" + "---|" * len(PLANNERS)]
+    lines = ["| rung | k, w, candidates | " + " | ".join(PLANNERS.values()) + " | td - transformer, same checkpoints |",
+             "|---|---|" + "---|" * (len(PLANNERS) + 1)]
     summary = {}
     for r in rungs:
         cells, setting = [], ""
         for planner in PLANNERS:
             runs = data.get((r, planner), {})
             if not runs:
-                cells.append("n/a" if planner == "diffusion" else "")
+                cells.append("n/a" if planner == "diffusion" and r < 4 else "not run")
                 continue
             means = np.array([v["normalized_score_mean"] for v in runs.values()])
             eps = sorted({v["episodes"] for v in runs.values()})
@@ -76,8 +77,16 @@ def main() -> None:
             if planner == "td":
                 v = next(iter(runs.values()))
                 setting = f"k = {v['k']}, w = {v['guidance']}, {v['candidates']}"
+        # the optimizer's own gain: td and the transformer alone plan from the same checkpoint on the same
+        # episode seeds, so their difference is paired per training seed
+        tf = data.get((r, "transformer"), {}); td = data.get((r, "td"), {})
+        paired = np.array([td[k]["normalized_score_mean"] - tf[k]["normalized_score_mean"] for k in td if k in tf])
+        if len(paired):
+            summary[f"{r}/td-transformer"] = {"mean": float(paired.mean()), "std": float(paired.std()),
+                                              "per_seed": [float(x) for x in paired]}
+        cells.append(f"{paired.mean():+.1f} ± {paired.std():.1f}" if len(paired) else "")
         lines.append(f"| ({r}) {RUNGS[r]} | {setting} | " + " | ".join(cells) + " |")
-    lines += [f"| {k} | | " + " | ".join(f"{v:.1f}" for _ in PLANNERS) + " |" for k, v in REFERENCE.items()]
+    lines += [f"| {k} | | " + " | ".join(f"{v:.1f}" for _ in PLANNERS) + " | |" for k, v in REFERENCE.items()]
     blocks = {"scores": "\n".join(lines)}
     lines += ["", "What each rung moved (difference of the means across seeds against the larger std across seeds of the",
               "two rungs; 'beyond' = more than twice that spread):", "",
@@ -114,30 +123,44 @@ def main() -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(1.6 * max(3, len(rungs)) + 2, 4.4))
-    width = 0.8 / len(PLANNERS)
-    for i, (planner, label) in enumerate(PLANNERS.items()):
-        xs, ms, sds = [], [], []
-        for j, r in enumerate(rungs):
-            s = summary.get(f"{r}/{planner}")
-            if s:
-                xs.append(j + (i - 1) * width), ms.append(s["mean"]), sds.append(s["std"])
-        ax.bar(xs, ms, width, yerr=sds, capsize=3, label=label)
-        for x, j in zip(xs, [r for r in rungs if summary.get(f"{r}/{planner}")]):
-            per = summary[f"{j}/{planner}"]["per_seed"]
-            ax.plot([x] * len(per), per, "k.", markersize=3)
-    for (name, v), style in zip(REFERENCE.items(), (":", "--", "-.")):
-        ax.axhline(v, color="gray", linestyle=style, linewidth=1)
-        ax.annotate(f"{name} {v:.1f}", (1.0, v), xycoords=("axes fraction", "data"), fontsize=8, ha="right",
-                    va="bottom", color="gray")
-    ax.set_xticks(range(len(rungs)), [f"({r}) {SHORT[r]}" for r in rungs])
+    # left: every rung on the full scale; right: the rungs whose transformer works, zoomed, without diffusion
+    fig, (ax, zoom) = plt.subplots(1, 2, figsize=(14, 4.8),
+                                   gridspec_kw={"width_ratios": [3, 2]})
+    working = [r for r in rungs if summary.get(f"{r}/transformer", {}).get("mean", 0) > 20]
+    colors = dict(zip(PLANNERS, ("tab:blue", "tab:orange", "tab:green")))
+
+    def bars(ax, rungs, planners):
+        width = 0.8 / len(planners)
+        for i, planner in enumerate(planners):
+            shown = [r for r in rungs if summary.get(f"{r}/{planner}")]
+            xs = [rungs.index(r) + (i - (len(planners) - 1) / 2) * width for r in shown]
+            ax.bar(xs, [summary[f"{r}/{planner}"]["mean"] for r in shown], width, color=colors[planner],
+                   yerr=[summary[f"{r}/{planner}"]["std"] for r in shown], capsize=3, label=PLANNERS[planner])
+            for x, r in zip(xs, shown):
+                per = summary[f"{r}/{planner}"]["per_seed"]
+                ax.plot([x] * len(per), per, "k.", markersize=3)
+        ax.set_xticks(range(len(rungs)), [f"({r}) {SHORT[r]}" for r in rungs], fontsize=8, rotation=20)
+
+    bars(ax, rungs, list(PLANNERS))
+    bars(zoom, working, ["transformer", "td"])
+    lo = min(min(summary[f"{r}/{p}"]["per_seed"]) for r in working for p in ("transformer", "td")
+             if f"{r}/{p}" in summary) if working else 30
+    zoom.set_ylim(np.floor(lo) - 1, 41.5)
+    for a in (ax, zoom):
+        bottom, top = a.get_ylim()
+        for (name, v), style in zip(REFERENCE.items(), (":", "--", "-.")):
+            if bottom <= v <= top:
+                a.axhline(v, color="gray", linestyle=style, linewidth=1)
+                a.annotate(f"{name} {v:.1f}", (1.0, v), xycoords=("axes fraction", "data"), fontsize=8,
+                           ha="right", va="bottom", color="gray")
+    zoom.set_title("zoomed: the rungs whose transformer works", fontsize=9)
     ax.set_ylabel("D4RL normalized score (episode seeds 1000+)")
     n_seeds = max(len(v["seeds"]) for v in summary.values() if "seeds" in v)
     ax.set_title("halfcheetah-medium-replay-sb3, --preset cpu: from the published method to ours\n"
                  f"(bars: mean ± std over training seeds, at most {n_seeds}; dots: each seed)", fontsize=9)
-    ax.legend(fontsize=8, loc="upper left")
-    fig.tight_layout()
-    fig.savefig(args.png, dpi=110)
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=3, bbox_to_anchor=(0.5, -0.06))
+    fig.savefig(args.png, dpi=100, bbox_inches="tight")
     print(f"wrote {args.png}, {results / 'summary.md'}, {results / 'summary.json'}")
 
 
