@@ -61,7 +61,7 @@ def main() -> None:
     for r in rungs:
         cells, setting = [], ""
         for planner in PLANNERS:
-            runs = data.get((r, planner), {})
+            runs = dict(sorted(data.get((r, planner), {}).items()))  # by training seed
             if not runs:
                 cells.append("n/a" if planner == "diffusion" and r < 4 else "not run")
                 continue
