@@ -24,6 +24,7 @@ rung_flags() {  # each rung adds one change (or one named group) to the one befo
   esac
 }
 plan_flags() { [ "$1" -ge 3 ] && [ "$1" -le 5 ] && echo "--refine-noise" || true; }
+has() { case " $PLANNERS " in *" $1 "*) return 0 ;; esac; return 1; }  # is planner $1 in PLANNERS?
 train_of() { [ "$1" = 3 ] && echo 2 || echo "$1"; }
 RUNGS=${2:-"0 1 2 4 5 6"}
 case "${1:-}" in
@@ -36,7 +37,6 @@ evaluate)
   for r in $RUNGS; do for s in $SEEDS; do
     c=runs/ladder/r$(train_of $r)-s$s/checkpoint.pt; o=$OUT/r${r}_s$s; P="python plan.py --threads 1 --seed 1000 --checkpoint $c $(plan_flags $r)"
     [ -f "$c" ] || continue
-    has() { case " $PLANNERS " in *" $1 "*) return 0 ;; esac; return 1; }
     # rung 3 plans with rung 2's checkpoints: its transformer alone is rung 2's (noise is a refinement setting)
     [ "$r" = 3 ] || ! has transformer || [ -f ${o}_transformer.json ] || echo "$P --planner transformer --episodes $EP --batch-envs $EP --json ${o}_transformer.json"
     ! has td || [ -f ${o}_td.json ] || echo "$P --planner td --episodes $EP --batch-envs $EP --json ${o}_td.json"
