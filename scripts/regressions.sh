@@ -34,17 +34,18 @@ job() {
   done
   echo
 }
+# "today" is this checkout's HEAD, frozen in a worktree too, so that the checkout can change while jobs run.
 case "${1:-}" in
 failed)
-  old=$(worktree 6fd4ede)
+  old=$(worktree 6fd4ede); now=$(worktree "$(git rev-parse --short HEAD)")
   for s in ${SEEDS:-0 1 2 3 4}; do
-    job today "$ROOT" "$s" "--env halfcheetah-medium-sb3" "td transformer"
+    job today "$now" "$s" "--env halfcheetah-medium-sb3" "td transformer"
     job c6fd4ede "$old" "$s" "--env halfcheetah-medium-sb3" "td transformer"
   done | run_jobs ;;
 hopper)
-  old=$(worktree 647e500)
+  old=$(worktree 647e500); now=$(worktree "$(git rev-parse --short HEAD)")
   for s in ${SEEDS:-0 1 2}; do
-    job hopper-today "$ROOT" "$s" "$HOPPER --preset cpu" "transformer"
+    job hopper-today "$now" "$s" "$HOPPER --preset cpu" "transformer"
     job hopper-c647e500 "$old" "$s" "$HOPPER $RECIPE_647" "transformer"
   done | run_jobs ;;
 summary)
