@@ -8,6 +8,7 @@
 #                                        # brings a file: 647e500 with the CPU recipe by hand against --preset cpu;
 #                                        # transformer alone, 3 seeds, 20 episodes per seed
 #   bash scripts/regressions.sh summary  # per-seed means, mean ± std across seeds, failed-episode counts
+# PRINT=1 lists the jobs instead of running them.
 # JSON into results/regressions/, runs into runs/regressions/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,7 +23,7 @@ RECIPE_647="--target-return 0 --lr 5e-4 --steps 10000 --lr-decay-steps 10000 --e
 --batch-size 64 --tf-half-dim 64 --tf-ffn 256 --tf-layers 3 --unet-dim 32 --unet-mults 1,2,4 --invdyn-hidden 256 \
 --n-candidates 1 --no-use-critic"
 HOPPER="--env hopper-medium-v2 --dataset $ROOT/datasets/hopper-medium-sb3.hdf5"
-run_jobs() { xargs -P "$JOBS" -I{} sh -c '{}'; }
+run_jobs() { if [ -n "${PRINT:-}" ]; then cat; else xargs -P "$JOBS" -I{} sh -c '{}'; fi; }  # PRINT=1: list only
 # $1 name, $2 code dir, $3 seed, $4 train flags, $5 planners: train unless done, then score each planner once
 job() {
   local run=$ROOT/runs/regressions/$1-s$3 p
