@@ -523,20 +523,46 @@ def test_diffusion_high_noise_matches_trivial_predictor():
 
 
 def test_diffusion_horizon_conv_equals_conv1d():
-    """HorizonConv1d's centre-tap product at H = 1 (and its plain path at H > 1) equals F.conv1d, with gradients."""
+    """HorizonConv1d's trimmed kernels (centre tap at H = 1, three taps at H = 2) and its plain path at H > 2
+    equal F.conv1d, with gradients; without gradients (the cached kernel) too, also after the weight changes by
+    an optimizer step, an EMA update and load_state_dict (a stale cache fails here)."""
     from diffusion import HorizonConv1d
     torch.manual_seed(0)
     conv = HorizonConv1d(16, 24, 5, padding=2)
-    for B, H in ((9, 1), (3, 1), (9, 2), (3, 8)):  # the product runs at H = 1 with 8 rows or more
-        x = torch.randn(B, 16, H, requires_grad=True)
-        y = conv(x)
-        ref = F.conv1d(x, conv.weight, conv.bias, padding=2)
+
+    def check(B, H, grad):
+        x = torch.randn(B, 16, H, requires_grad=grad)
+        with torch.set_grad_enabled(grad):
+            y = conv(x)
+        ref = F.conv1d(x.detach(), conv.weight.detach(), conv.bias.detach(), padding=2)
         assert y.shape == ref.shape == (B, 24, H)
-        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
-        g_ours = torch.autograd.grad(y.square().sum(), (x, conv.weight))
-        g_ref = torch.autograd.grad(ref.square().sum(), (x, conv.weight))
-        for a, b in zip(g_ours, g_ref):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(y.detach(), ref, rtol=1e-5, atol=1e-6)
+        if grad:
+            x2 = x.detach().requires_grad_()
+            g_ours = torch.autograd.grad(y.square().sum(), (x, conv.weight))
+            g_ref = torch.autograd.grad(F.conv1d(x2, conv.weight, conv.bias, padding=2).square().sum(), (x2, conv.weight))
+            for a, b in zip(g_ours, g_ref):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+    for B, H in ((9, 1), (3, 1), (9, 2), (3, 3), (3, 8)):
+        check(B, H, grad=True)
+        check(B, H, grad=False)
+    other = HorizonConv1d(16, 24, 5, padding=2)
+    opt = torch.optim.SGD(conv.parameters(), lr=0.5)
+    for H in (1, 2):
+        for change in ("optimizer", "ema", "load"):
+            check(4, H, grad=False)  # fills the cache
+            if change == "optimizer":
+                opt.zero_grad()
+                conv(torch.randn(4, 16, 1)).sum().backward()
+                opt.step()
+            elif change == "ema":
+                with torch.no_grad():
+                    conv.weight.lerp_(other.weight, 0.5)
+            else:
+                conv.load_state_dict(other.state_dict())
+                other = HorizonConv1d(16, 24, 5, padding=2)
+            check(4, H, grad=False)
 
 
 def test_diffusion_unet_reads_full_resolution_skip():
