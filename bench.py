@@ -27,6 +27,7 @@ import torch
 
 import data as D
 from data import UsageError
+import sources
 from machine import atomic_write, pick_device, set_matmul_precision, set_threads
 from config import PlanConfig, build_networks, load_checkpoint, planning_copy
 from plan import (Planner, add_planner_flags, evaluate, evaluate_cli, format_result,
@@ -510,7 +511,7 @@ def render_video(planner: Planner, env_name: str, path: str, seed: int, max_step
     else:
         imageio.mimsave(path, frames, **({"duration": 1000 / 30, "loop": 0} if path.endswith(".gif") else {"fps": 30}))
     print(f"wrote {path}: {len(frames)} frames, return {ret:.1f}, "
-          f"normalized {float(D.normalized_score(env_name, ret)):.1f}")
+          f"normalized {float(sources.normalized_score(env_name, ret)):.1f}")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -24,10 +24,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-import data as D
 from data import UsageError
 from diffusion import GaussianDiffusion, TemporalUnet
 from inverse_dynamics import Critic, InverseDynamics
+import sources
 from transformer import TrajectoryTransformer
 
 FORMAT_VERSION = 3  # bump when the checkpoint layout changes; older files are refused with a clear message
@@ -240,7 +240,7 @@ def official_k_w(env: str) -> dict:
     """The official refine steps and guidance of the family a dataset name belongs to."""
     row = ENV_TABLE.get(env)
     if row is None or row.get("preset"):  # a stand-in, a Minari id or a user's name: its environment's family
-        env_id = D.get_info(env).env_id.lower()
+        env_id = sources.get_info(env).env_id.lower()
         row = next((ENV_TABLE[r] for p, r in MINARI_FAMILY_ROWS.items() if env_id.startswith(p)), None)
     if row is None:
         raise UsageError(f"--method official: {env} belongs to no family of the official table; give "
@@ -292,8 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
 def env_row(env: str, given: dict) -> dict:
     """The env's row of ENV_TABLE; for minari:ID, the row of the family its recorded environment id names."""
     if not env.startswith("minari:"):
-        return ENV_TABLE.get(env, {})  # an unknown name fails in data.get_info with a suggestion
-    env_id = D.get_info(env).env_id
+        return ENV_TABLE.get(env, {})  # an unknown name fails in sources.get_info with a suggestion
+    env_id = sources.get_info(env).env_id
     for prefix, row in MINARI_FAMILY_ROWS.items():
         if env_id.lower().startswith(prefix):
             return dict(ENV_TABLE[row], target_return=0)

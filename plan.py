@@ -37,6 +37,7 @@ from config import PlanConfig, build_networks, load_checkpoint
 from data import UsageError
 from inverse_dynamics import select_candidate
 from machine import pick_device, set_matmul_precision, set_threads
+import sources
 
 # ----------------------------------------------------------------------------------------------------
 # The planner
@@ -179,7 +180,7 @@ def _evaluate(planner, env_name, episodes, seed, batch_envs, progress, seeds) ->
     from tqdm import tqdm
 
     returns, plan_s, calls, decisions = [], 0.0, 0, 0
-    info = D.get_info(env_name)
+    info = sources.get_info(env_name)
     bar = tqdm(total=episodes * info.max_episode_steps, desc=f"eval {planner.planner}", disable=not progress,
                dynamic_ncols=True, unit="step")
     for start in range(0, episodes, batch_envs):
@@ -208,8 +209,8 @@ def _evaluate(planner, env_name, episodes, seed, batch_envs, progress, seeds) ->
             env.close()
         returns.extend(ret.tolist())
     bar.close()
-    scored = D.has_reference_scores(env_name)  # a Minari dataset without reference returns is scored raw only
-    scores = [float(D.normalized_score(env_name, r)) if scored else None for r in returns]
+    scored = sources.has_reference_scores(env_name)  # a Minari dataset without reference returns is scored raw only
+    scores = [float(sources.normalized_score(env_name, r)) if scored else None for r in returns]
     return {"env": env_name, "planner": planner.planner, "episodes": episodes, "k": planner.k,
             "guidance": planner.w, "candidates": planner.N, "refine_noise": planner.cfg.refine_noise,
             "target_return": planner.target, "legacy_dynamics": planner.cfg.legacy_dynamics,

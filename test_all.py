@@ -37,6 +37,7 @@ import bench
 import config
 import machine
 import plan
+import sources
 import train
 
 torch.set_num_threads(1)  # 2-core CI: the suite runs one thread, no pools
@@ -764,7 +765,7 @@ def test_data_missing_path(tmp_path):
 
 
 def test_data_unknown_name_suggests():
-    msg = one_line_error(lambda: data.get_info("hoper-medium-v2"), "hoper-medium-v2", "hopper-medium-v2", "--list")
+    msg = one_line_error(lambda: sources.get_info("hoper-medium-v2"), "hoper-medium-v2", "hopper-medium-v2", "--list")
     print(msg)
 
 
@@ -898,13 +899,13 @@ def test_data_reference_scores_equal_d4rl_infos():
            "pen": (96.262799, 3076.8331017826877), "hammer": (-274.856578, 12794.134825156867),
            "door": (-56.512833, 2880.5693087298737), "relocate": (-6.425911, 4233.877797728884),
            "kitchen": (0.0, 4.0)}
-    assert len(data.DATASETS) == 15 + 12 + 3 + 3  # D4RL locomotion, Adroit, Kitchen, bundled
-    for name, info in data.DATASETS.items():
+    assert len(sources.DATASETS) == 15 + 12 + 3 + 3  # D4RL locomotion, Adroit, Kitchen, bundled
+    for name, info in sources.DATASETS.items():
         assert (info.ref_min, info.ref_max) == ref[name.split("-")[0]], name
-    assert data.normalized_score("hopper-medium-v2", 3234.3) == pytest.approx(100.0)
-    np.testing.assert_allclose(data.normalized_score("kitchen-mixed-v0", np.array([0.0, 2.0, 4.0])), [0, 50, 100])
-    assert data.get_info("pen-human-v1").url == "http://rail.eecs.berkeley.edu/datasets/offline_rl/hand_dapg_v1/pen-human-v1.hdf5"
-    assert data.get_info("walker2d-medium-replay-v2").url.endswith("/gym_mujoco_v2/walker2d_medium_replay-v2.hdf5")
+    assert sources.normalized_score("hopper-medium-v2", 3234.3) == pytest.approx(100.0)
+    np.testing.assert_allclose(sources.normalized_score("kitchen-mixed-v0", np.array([0.0, 2.0, 4.0])), [0, 50, 100])
+    assert sources.get_info("pen-human-v1").url == "http://rail.eecs.berkeley.edu/datasets/offline_rl/hand_dapg_v1/pen-human-v1.hdf5"
+    assert sources.get_info("walker2d-medium-replay-v2").url.endswith("/gym_mujoco_v2/walker2d_medium_replay-v2.hdf5")
 
 
 def test_data_bundled_dataset_matches_readme():
@@ -915,7 +916,7 @@ def test_data_bundled_dataset_matches_readme():
     print("max episode return diff vs metadata", np.abs(d.episode_returns - recorded).max())
     np.testing.assert_allclose(d.episode_returns, recorded, rtol=1e-4)
     assert d.episode_returns.mean() == pytest.approx(3951.9, abs=0.05)
-    assert data.normalized_score("halfcheetah-medium-sb3", d.episode_returns.mean()) == pytest.approx(34.1, abs=0.05)
+    assert sources.normalized_score("halfcheetah-medium-sb3", d.episode_returns.mean()) == pytest.approx(34.1, abs=0.05)
     s = d.summary()
     assert "100000 transitions" in s and "100 episodes" in s
 
@@ -924,7 +925,7 @@ def test_data_bundled_dataset_matches_readme():
 def test_data_download_failure_one_line(tmp_path):
     url = "http://127.0.0.1:9/x.hdf5"  # the discard port: refused at once, never leaves the machine
     dest = tmp_path / "cache" / "x.hdf5"
-    one_line_error(lambda: data.download(url, dest, timeout=0.5), url, str(dest), "--dataset")
+    one_line_error(lambda: sources.download(url, dest, timeout=0.5), url, str(dest), "--dataset")
     assert not dest.exists() and not list(dest.parent.glob("*.part"))
 
 
@@ -934,8 +935,8 @@ def test_data_download_failure_through_load(tmp_path, monkeypatch):
     def offline(*a, **k):
         raise urllib.error.URLError("network is unreachable")
 
-    monkeypatch.setattr(data.urllib.request, "urlopen", offline)
-    info = data.get_info("hopper-medium-v2")
+    monkeypatch.setattr(sources.urllib.request, "urlopen", offline)
+    info = sources.get_info("hopper-medium-v2")
     one_line_error(lambda: data.load("hopper-medium-v2"), info.url, str(tmp_path / info.filename), "--dataset")
     one_line_error(lambda: data.load("hopper-medium-v2", download=False), str(tmp_path / info.filename))
 
@@ -944,12 +945,12 @@ def test_data_download_checks_file_before_rename(tmp_path):
     src = tmp_path / "src.hdf5"
     write_d4rl(src, n=50)
     dest = tmp_path / "cache" / "hopper_medium-v2.hdf5"
-    data.download(src.as_uri(), dest)  # file:// URL: the same streaming path, no network
+    sources.download(src.as_uri(), dest)  # file:// URL: the same streaming path, no network
     assert dest.read_bytes() == src.read_bytes()
     bad = tmp_path / "bad.hdf5"
     bad.write_bytes(src.read_bytes()[:1000])
     dest2 = tmp_path / "cache" / "other.hdf5"
-    one_line_error(lambda: data.download(bad.as_uri(), dest2), bad.as_uri(), str(dest2))
+    one_line_error(lambda: sources.download(bad.as_uri(), dest2), bad.as_uri(), str(dest2))
     assert not dest2.exists() and not list(dest2.parent.glob("*.part"))
 
 
@@ -988,7 +989,7 @@ def run_cli(*args):
 def test_data_cli_list_and_summary():
     r = run_cli("--list")
     assert r.returncode == 0, r.stderr
-    for name, info in data.DATASETS.items():
+    for name, info in sources.DATASETS.items():
         line = next(l for l in r.stdout.splitlines() if l.split()[0] == name)
         assert info.env_id in line and f" {info.obs_dim} " in line and f" {info.act_dim} " in line
     r = run_cli("--env", "halfcheetah-medium-sb3")
@@ -1005,7 +1006,7 @@ def test_data_cli_error_is_one_line():
 
 
 def test_data_make_env_delegates_to_envs():
-    info = data.get_info("halfcheetah-medium-sb3")
+    info = sources.get_info("halfcheetah-medium-sb3")
     env = data.make_env("halfcheetah-medium-sb3", seed=0)
     obs, _ = env.reset(seed=0)
     assert obs.shape == (info.obs_dim,) and env.action_space.shape == (info.act_dim,)
@@ -1015,7 +1016,7 @@ def test_data_make_env_delegates_to_envs():
 # ====================================================================================================
 # envs
 # ====================================================================================================
-ALL_INFOS = list(data.DATASETS.values())
+ALL_INFOS = list(sources.DATASETS.values())
 
 
 def _id(kind, model, name):
@@ -1164,7 +1165,7 @@ def test_envs_legacy_dynamics(name, heavier):
     new = data.make_env(name, legacy_dynamics=False).unwrapped
     env = data.make_env(name, legacy_dynamics=True)
     m = env.unwrapped.model
-    table = envs.LEGACY_BODY_INERTIA[data.DATASETS[name].env_id]
+    table = envs.LEGACY_BODY_INERTIA[sources.DATASETS[name].env_id]
     for body, (mass, inertia, *frame) in table.items():
         b = _id("body", m, body)
         assert m.body_mass[b] == mass and np.array_equal(m.body_inertia[b], inertia)
@@ -1358,7 +1359,7 @@ def test_envs_legacy_dynamics_rejects_other_envs(name):
 def test_envs_locomotion_clips_actions_like_d4rl(name):
     """D4RL's NormalizedBoxEnv clips actions to [-1, 1]; gymnasium's env passes them on (MuJoCo clamps the
     control, but the control cost sees the raw action). Ours clips: a and clip(a) give the same step."""
-    info = data.DATASETS[name]
+    info = sources.DATASETS[name]
     a = 2.5 * np.linspace(-1.0, 1.0, info.act_dim)  # (A,) entries outside [-1, 1]
     steps = []
     for env, action in ((data.make_env(name, legacy_dynamics=False), a),
@@ -1374,7 +1375,7 @@ def test_envs_locomotion_clips_actions_like_d4rl(name):
 
 
 def test_envs_dims_mismatch_is_an_error():
-    info = dataclasses.replace(data.DATASETS["hopper-medium-v2"], obs_dim=12)
+    info = dataclasses.replace(sources.DATASETS["hopper-medium-v2"], obs_dim=12)
     with pytest.raises(ValueError, match="registered with"):
         envs.make_env(info)
 
@@ -1514,7 +1515,7 @@ def test_cli_plan_json_after_train(tiny_run, tmp_path):
         assert key in r, key
     assert r["env"] == "halfcheetah-medium-sb3" and r["planner"] == "td" and r["episodes"] == 1
     assert all(math.isfinite(r[k]) for k in ("return_mean", "normalized_score_mean", "ms_per_call"))
-    assert abs(r["normalized_score_mean"] - float(data.normalized_score("halfcheetah-medium-sb3", r["return_mean"]))) < 1e-6
+    assert abs(r["normalized_score_mean"] - float(sources.normalized_score("halfcheetah-medium-sb3", r["return_mean"]))) < 1e-6
     assert "episode 0 (seed 100)" in p.stdout and "normalized score" in p.stdout
 
 
@@ -1623,7 +1624,7 @@ def test_cli_config_legacy_dynamics_one_default_per_name(tmp_path):
     """One default per name, everywhere: on for D4RL's own locomotion names (their data came from mujoco-py on
     MuJoCo 2.x), off for every other name; data.make_env builds the same dynamics as train.py and plan.py."""
     import envs
-    for name, info in data.DATASETS.items():
+    for name, info in sources.DATASETS.items():
         want = info.source == "d4rl" and info.family == "locomotion"
         assert data.legacy_by_default(name) is want, name
     for name in ("hopper-medium-v2", "hopper-medium-sb3"):
@@ -1645,7 +1646,7 @@ def hopper_rollout_file(path, legacy: bool | None, steps=40):
     """A Hopper D4RL-layout file of one random-action rollout simulated in the given dynamics, with
     infos/qpos and infos/qvel (legacy=None: the same file without them)."""
     import envs
-    env = envs.make_env(data.get_info("hopper-medium-v2"), seed=0, legacy_dynamics=bool(legacy))
+    env = envs.make_env(sources.get_info("hopper-medium-v2"), seed=0, legacy_dynamics=bool(legacy))
     obs, _ = env.reset(seed=0)
     rng = np.random.default_rng(0)
     rows = {k: [] for k in ("observations", "actions", "next_observations", "rewards", "qpos", "qvel")}
@@ -1730,7 +1731,7 @@ def test_cli_legacy_dynamics_kept_by_resume_and_plan(tiny_run, tmp_path, monkeyp
 
 def test_cli_every_dataset_has_one_table_row():
     """The per-env settings live in one table, covering every registered dataset."""
-    assert set(config.ENV_TABLE) == set(data.DATASETS)
+    assert set(config.ENV_TABLE) == set(sources.DATASETS)
     for name, row in config.ENV_TABLE.items():
         cfg = train.resolve_config({"env": name})
         levels = len(cfg.unet_mults.split(","))
@@ -2356,7 +2357,7 @@ def test_reliability_cuda_without_cuda(rel_run_dir):
 def test_reliability_offline_download(rel_run_dir, tmp_path):
     """An existing run of a D4RL name whose file is not cached (a copy of the tiny run, relabelled), resumed
     offline: the download fails in one line and the run directory stays byte-identical."""
-    info = data.get_info("halfcheetah-medium-v2")
+    info = sources.get_info("halfcheetah-medium-v2")
     run = tmp_path / "d4rl-run"
     shutil.copytree(rel_run_dir[0], run)
     ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
@@ -2658,7 +2659,7 @@ def test_any_bundled_hopper_matches_readme(tmp_path):
     assert (d.episode_lengths.min(), d.episode_lengths.max()) == (134, 264)
     with h5py.File(ROOT / "datasets" / "hopper-medium-sb3.hdf5") as f:
         np.testing.assert_allclose(d.episode_returns, f["metadata/episode_returns"][()], rtol=1e-4)
-    norm = data.normalized_score("hopper-medium-sb3", d.episode_returns)
+    norm = sources.normalized_score("hopper-medium-sb3", d.episode_returns)
     assert round(float(norm.mean()), 1) == 20.6 and round(float(norm.max()), 1) == 26.8
     assert round(float(d.episode_returns.mean()), 1) == 650.1
     r = run_cli("--env", "hopper-medium-sb3")
@@ -2755,7 +2756,7 @@ def test_any_eval_terminated_env_stops_and_rtg_is_exact(monkeypatch):
         assert env.t == n and len(env.actions) == n  # stepped exactly until its terminal
         np.testing.assert_allclose(np.stack(env.actions), [[i / 10, c / 10, 0.0] for c in range(n)], rtol=1e-6)
     assert res["returns"] == [sum(r) for r in rewards]
-    np.testing.assert_allclose(res["normalized_scores"], data.normalized_score("hopper-medium-v2",
+    np.testing.assert_allclose(res["normalized_scores"], sources.normalized_score("hopper-medium-v2",
                                                                                np.array([sum(r) for r in rewards])))
 
 
@@ -2875,7 +2876,7 @@ def fake_minari(monkeypatch, **datasets):
         return datasets[dataset_id]
 
     monkeypatch.setitem(sys.modules, "minari", types.SimpleNamespace(load_dataset=load_dataset))
-    monkeypatch.setattr(data, "_MINARI_INFOS", {})
+    monkeypatch.setattr(sources, "_MINARI_INFOS", {})
     return loaded
 
 
@@ -2883,7 +2884,7 @@ def test_any_minari_id_loads_trains_and_scores(monkeypatch, tmp_path):
     name = "minari:mujoco/hopper/medium-v0"
     ds = FakeMinariDataset("mujoco/hopper/medium-v0")
     fake_minari(monkeypatch, **{"mujoco/hopper/medium-v0": ds})
-    info = data.get_info(name)
+    info = sources.get_info(name)
     assert (info.env_id, info.obs_dim, info.act_dim, info.max_episode_steps) == ("Hopper-v4", 11, 3, 1000)
     assert (info.ref_min, info.ref_max, info.family, info.minari_id) == (-20.0, 3000.0, "minari", "mujoco/hopper/medium-v0")
     d = data.load(name)  # the same loading, validation and window path as every dataset
@@ -2893,7 +2894,7 @@ def test_any_minari_id_loads_trains_and_scores(monkeypatch, tmp_path):
     np.testing.assert_allclose(d.next_observations[:60], ds.episodes[0].observations[1:], rtol=1e-6)
     np.testing.assert_allclose(d.episode_returns, [e.rewards.sum() for e in ds.episodes], rtol=1e-6)
     assert len(data.WindowSampler(d, 16)) == 60 + (40 - 16 + 1) + 80
-    assert data.normalized_score(name, 1490.0) == pytest.approx(50.0)
+    assert sources.normalized_score(name, 1490.0) == pytest.approx(50.0)
     # planning settings: hopper's row by the recorded env id, the target read off the data
     cfg = train.resolve_config({"env": name})
     assert (cfg.horizon, cfg.refine_steps, cfg.guidance, cfg.target_return) == (16, 5, 1.2, 0)
@@ -2913,7 +2914,7 @@ def test_any_minari_without_references_unknown_family_and_missing(monkeypatch):
     fake_minari(monkeypatch, **{"local/hopper-noref-v0": FakeMinariDataset("local/hopper-noref-v0", refs=None),
                                 "local/pendulum-v0": FakeMinariDataset("local/pendulum-v0", env_id="Pendulum-v1")})
     name = "minari:local/hopper-noref-v0"
-    assert not data.has_reference_scores(name)
+    assert not sources.has_reference_scores(name)
     assert "no reference returns" in data.load(name).summary()
     planner = any_planner()
     planner.decide = lambda hist_s, hist_r: torch.zeros(hist_s.shape[0], 3)
@@ -2927,10 +2928,10 @@ def test_any_minari_without_references_unknown_family_and_missing(monkeypatch):
     assert "Pendulum-v1" in str(e.value) and "--horizon" in str(e.value) and "\n" not in str(e.value)
     cfg = train.resolve_config({"env": "minari:local/pendulum-v0", "horizon": 8, "refine_steps": 3})
     assert (cfg.horizon, cfg.refine_steps, cfg.target_return) == (8, 3, 0)
-    one_line_error(lambda: data.get_info("minari:local/missing-v0"), "local/missing-v0", "minari download")
+    one_line_error(lambda: sources.get_info("minari:local/missing-v0"), "local/missing-v0", "minari download")
     monkeypatch.setitem(sys.modules, "minari", None)  # not installed
-    monkeypatch.setattr(data, "_MINARI_INFOS", {})
-    one_line_error(lambda: data.get_info(name), name, "pip install minari")
+    monkeypatch.setattr(sources, "_MINARI_INFOS", {})
+    one_line_error(lambda: sources.get_info(name), name, "pip install minari")
 
 
 # ------------------------------------------------------------------------------------------ walker2d, H = 32

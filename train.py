@@ -36,6 +36,7 @@ import torch.nn as nn
 
 import data as D
 from data import UsageError
+import sources
 from machine import atomic_write, pick_device, set_matmul_precision, set_threads
 from config import Config, build_parser, model_args, resolve_config, target_from_data
 from config import FORMAT_VERSION, PlanConfig, build_networks, load_checkpoint, planning_copy
@@ -194,7 +195,7 @@ class Run:
     def __init__(self, given: dict):
         self.world, self.rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
         cfg = resolve_config(given)
-        info = D.get_info(cfg.env)  # unknown names fail here, before anything is written
+        info = sources.get_info(cfg.env)  # unknown names fail here, before anything is written
         keep_steps(cfg.keep_at)
         if cfg.legacy_dynamics:
             from envs import LEGACY_BODY_INERTIA

@@ -20,6 +20,7 @@ import torch.nn as nn
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 import data as D  # noqa: E402
+import sources  # noqa: E402
 
 
 def train_bc(d: D.OfflineData, steps: int, seed: int) -> nn.Module:
@@ -81,7 +82,7 @@ def main() -> None:
             returns.append(total)
             labels.append(f"{kind}{'' if kind == 'random' else f' noise {noise}'}")
             print(f"{labels[-1]:18s} return {total:8.1f}  normalized "
-                  f"{float(D.normalized_score('halfcheetah-medium-sb3', total)):5.1f}")
+                  f"{float(sources.normalized_score('halfcheetah-medium-sb3', total)):5.1f}")
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with h5py.File(out, "w") as f:
@@ -92,7 +93,7 @@ def main() -> None:
         f["metadata/env_id"] = "HalfCheetah-v4"
         f["metadata/policy"] = "BC MLP on halfcheetah-medium-sb3 with Gaussian action noise " + args.noise + ", plus random"
         f["metadata/episode_returns"] = np.asarray(returns, np.float32)
-    norm = D.normalized_score("halfcheetah-medium-sb3", np.asarray(returns))
+    norm = sources.normalized_score("halfcheetah-medium-sb3", np.asarray(returns))
     print(f"wrote {out}: {len(returns)} episodes, return mean {np.mean(returns):.1f}, "
           f"normalized mean {norm.mean():.1f} (min {norm.min():.1f}, max {norm.max():.1f})")
 
