@@ -59,6 +59,21 @@ class SinusoidalPosEmb(nn.Module):
         return torch.cat([args.sin(), args.cos()], dim=-1)  # (B, dim)
 
 
+class Mish(nn.Module):
+    """x tanh(softplus(x)) (Misra 2019), the U-Net's activation, written with one exp: for e = exp(x),
+    tanh(log(1 + e)) = e (e + 2) / (e (e + 2) + 2). Equal to nn.Mish up to float rounding (test); torch's CPU
+    kernel for nn.Mish took 2-4x as long on the U-Net's shapes (AMD EPYC, 1 thread, 32k elements: 206 us against
+    45-100 us), a fifth of a td-official decision's operator time. In fp32 the ratio is 1 above x = 20, where the
+    clamp keeps e (e + 2) finite; fp16, whose range is too small for that, keeps torch's kernel."""
+
+    def forward(self, x):
+        if x.dtype == torch.float16:
+            return F.mish(x)
+        e = torch.exp(x.clamp(max=20.0))
+        n = e * (e + 2.0)
+        return x * (n / (n + 2.0))
+
+
 class HorizonConv1d(nn.Conv1d):
     """nn.Conv1d with 'same' padding (stride 1, padding k // 2) that skips the taps which read only padding.
     The official U-Net halves H = 8 down to 1 at its bottleneck. On a horizon of L < k // 2 + 1 steps, taps
@@ -98,7 +113,7 @@ class Conv1dBlock(nn.Module):
     def __init__(self, c_in, c_out, kernel_size, n_groups):
         super().__init__()
         self.block = nn.Sequential(HorizonConv1d(c_in, c_out, kernel_size, padding=kernel_size // 2),
-                                   nn.GroupNorm(n_groups, c_out), nn.Mish())
+                                   nn.GroupNorm(n_groups, c_out), Mish())
 
     def forward(self, x):
         return self.block(x)
@@ -111,7 +126,7 @@ class ResidualTemporalBlock(nn.Module):
         super().__init__()
         self.blocks = nn.ModuleList([Conv1dBlock(c_in, c_out, kernel_size, n_groups),
                                      Conv1dBlock(c_out, c_out, kernel_size, n_groups)])
-        self.cond_proj = nn.Sequential(nn.Mish(), nn.Linear(cond_dim, c_out))
+        self.cond_proj = nn.Sequential(Mish(), nn.Linear(cond_dim, c_out))
         self.residual = nn.Conv1d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
     def forward(self, x, cond):
@@ -137,10 +152,10 @@ class TemporalUnet(nn.Module):
         cond_dim = 2 * dim  # time embedding (dim) ; return embedding (dim), 128 at dim = 64 as official
         # DEVIATION: the time MLP widens to time_mult * dim in between: 4 (64 -> 256 -> 64) is Decision
         # Diffuser's width, the default here; the official Trajectory Diffuser code uses 2 (64 -> 128 -> 64).
-        self.time_mlp = nn.Sequential(SinusoidalPosEmb(dim), nn.Linear(dim, time_mult * dim), nn.Mish(),
+        self.time_mlp = nn.Sequential(SinusoidalPosEmb(dim), nn.Linear(dim, time_mult * dim), Mish(),
                                       nn.Linear(time_mult * dim, dim))
         # official sizes at dim = 64: Linear(1 -> 128) -> Mish -> Linear(128 -> 64)
-        self.returns_mlp = nn.Sequential(nn.Linear(1, 2 * dim), nn.Mish(), nn.Linear(2 * dim, dim))
+        self.returns_mlp = nn.Sequential(nn.Linear(1, 2 * dim), Mish(), nn.Linear(2 * dim, dim))
 
         def block(c_in, c_out):
             return ResidualTemporalBlock(c_in, c_out, cond_dim, kernel_size, n_groups)

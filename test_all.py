@@ -523,6 +523,20 @@ def test_diffusion_high_noise_matches_trivial_predictor():
             assert model <= 2 * trivial
 
 
+def test_diffusion_mish_equals_torch():
+    """diffusion.Mish (one exp) equals nn.Mish up to float rounding, values and gradients, from -100 to 100,
+    and the U-Net uses it."""
+    from diffusion import Mish, TemporalUnet
+    x = torch.cat([torch.linspace(-100, 100, 20001), torch.randn(1000) * 3]).requires_grad_()
+    ours, ref = Mish()(x), F.mish(x)
+    torch.testing.assert_close(ours, ref, rtol=2e-6, atol=1e-6)
+    g_ours, = torch.autograd.grad(ours.sum(), x)
+    g_ref, = torch.autograd.grad(ref.sum(), x)
+    torch.testing.assert_close(g_ours, g_ref, rtol=1e-5, atol=1e-5)
+    unet = TemporalUnet(5, dim=8, dim_mults=(1, 2))
+    assert not any(isinstance(m, nn.Mish) for m in unet.modules()) and any(isinstance(m, Mish) for m in unet.modules())
+
+
 def test_diffusion_horizon_conv_equals_conv1d():
     """HorizonConv1d's trimmed kernels (centre tap at H = 1, three taps at H = 2) and its plain path at H > 2
     equal F.conv1d, with gradients; without gradients (the cached kernel) too, also after the weight changes by
