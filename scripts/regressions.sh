@@ -7,7 +7,8 @@
 #   bash scripts/regressions.sh hopper   # hopper-medium-sb3 under the D4RL name hopper-medium-v2, the way a user
 #                                        # brings a file: 647e500 with the CPU recipe by hand against --preset cpu;
 #                                        # transformer alone, 3 seeds, 20 episodes per seed
-#   bash scripts/regressions.sh summary  # per-seed means, mean ± std across seeds, failed-episode counts
+#   bash scripts/regressions.sh summary  # per-seed means, mean ± std across seeds, failed-episode counts, and an
+#                                        # exact permutation test over training seeds of the failure counts
 # PRINT=1 lists the jobs instead of running them.
 # JSON into results/regressions/, runs into runs/regressions/.
 set -euo pipefail
@@ -54,19 +55,36 @@ summary)
 import glob, json, re, sys
 from collections import defaultdict
 import numpy as np
-runs = defaultdict(dict)
+runs, envs = defaultdict(dict), {}
 for f in sorted(glob.glob(f"{sys.argv[1]}/*_s*_*.json")):
     m = re.match(r"(.+)_s(\d+)_(\w+)\.json$", f.split("/")[-1])
     if m:
-        runs[(m.group(1), m.group(3))][int(m.group(2))] = json.load(open(f))["normalized_scores"]
+        r = json.load(open(f))
+        runs[(m.group(1), m.group(3))][int(m.group(2))] = r["normalized_scores"]
+        envs[(m.group(1), m.group(3))] = r["env"]
 print("| code | planner | mean ± std across seeds | per seed | episodes per seed | episodes below 35 |")
 print("|---|---|---|---|---|---|")
 for (code, planner), seeds in sorted(runs.items()):
     means = np.array([np.mean(v) for v in seeds.values()])
-    failed = sum(int(np.sum(np.array(v) < 35)) for v in seeds.values())
-    total = sum(len(v) for v in seeds.values())
+    total = sum(len(v) for v in seeds.values())  # a failed episode (a flip or a stall) is one below 35 on halfcheetah
+    failed = (f"{sum(int(np.sum(np.array(v) < 35)) for v in seeds.values())} of {total}"
+              if envs[(code, planner)].startswith("halfcheetah") else "n/a")
     print(f"| {code} | {planner} | {means.mean():.1f} ± {means.std():.1f} ({len(seeds)} seeds) | "
-          + ", ".join(f"{m:.1f}" for m in means) + f" | {sorted({len(v) for v in seeds.values()})} | {failed} of {total} |")
+          + ", ".join(f"{m:.1f}" for m in means) + f" | {sorted({len(v) for v in seeds.values()})} | {failed} |")
+# Is the difference in failed episodes between two codes real? A policy that flips does so in many of its episodes,
+# so the unit is the training seed: an exact permutation test of the per-seed failure counts over every split of
+# the pooled seeds into two groups of the original sizes (two-sided, on the difference of the groups' means).
+from itertools import combinations
+for planner in sorted({p for _, p in runs}):
+    codes = sorted(c for c, p in runs if p == planner and envs[(c, p)].startswith("halfcheetah"))
+    for a, b in combinations(codes, 2):
+        fa, fb = ([int(np.sum(np.array(v) < 35)) for v in runs[(c, planner)].values()] for c in (a, b))
+        pooled, observed = fa + fb, abs(np.mean(fa) - np.mean(fb))
+        splits = [abs(np.mean([pooled[i] for i in g]) - np.mean([pooled[i] for i in range(len(pooled)) if i not in g]))
+                  for g in combinations(range(len(pooled)), len(fa))]
+        p = np.mean([d >= observed - 1e-12 for d in splits])
+        print(f"{planner}: failed episodes per seed, {a} {fa} against {b} {fb}: permutation p = {p:.2f} "
+              f"({len(splits)} splits)")
 EOF
   ;;
 *) echo "usage: $0 failed|hopper|summary"; exit 2 ;;
