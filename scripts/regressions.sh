@@ -23,7 +23,7 @@ worktree() {  # the code of commit $1, checked out once under .regress/$1 (the d
 RECIPE_647="--target-return 0 --lr 5e-4 --steps 10000 --lr-decay-steps 10000 --ema-start 1000 --save-every 2000 \
 --batch-size 64 --tf-half-dim 64 --tf-ffn 256 --tf-layers 3 --unet-dim 32 --unet-mults 1,2,4 --invdyn-hidden 256 \
 --n-candidates 1 --no-use-critic"
-HOPPER="--env hopper-medium-v2 --dataset $ROOT/datasets/hopper-medium-sb3.hdf5"
+HOPPER="--env hopper-medium-v2 --dataset ${HOPPER_FILE:-$ROOT/datasets/hopper-medium-sb3.hdf5}"  # any hopper file
 run_jobs() { if [ -n "${PRINT:-}" ]; then cat; else xargs -P "$JOBS" -I{} sh -c '{}'; fi; }  # PRINT=1: list only
 # $1 name, $2 code dir, $3 seed, $4 train flags, $5 planners: train unless done, then score each planner once
 job() {
