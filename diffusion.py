@@ -61,13 +61,10 @@ class SinusoidalPosEmb(nn.Module):
 
 class Mish(nn.Module):
     """x tanh(softplus(x)) (Misra 2019), the U-Net's activation, written with one exp: for e = exp(x),
-    tanh(log(1 + e)) = e (e + 2) / (e (e + 2) + 2). Equal to nn.Mish up to float rounding (test). Torch's CPU
-    kernel for nn.Mish took 2-4x as long on the U-Net's shapes (AMD EPYC, 1 thread, 32k elements: 206 us against
-    45-100 us), a fifth of a td-official decision's operator time; with this form a td-official decision took
-    5-10% less (two side-by-side runs, 2 threads: 91 -> 82 and 107 -> 101 ms). Its five operators cost more than
-    the one they replace on small tensors (a batch-1 td decision at the CPU sizes: 7.5 -> 8.0 ms), so tensors
-    under SMALL elements keep torch's kernel. In fp32 the ratio is 1 above x = 20, where the clamp keeps
-    e (e + 2) finite; fp16, whose range is too small for that, keeps torch's kernel too."""
+    tanh(log(1 + e)) = e (e + 2) / (e (e + 2) + 2); equal to nn.Mish up to float rounding (test). Torch's CPU
+    Mish kernel was a fifth of a td-official decision's operator time; this form cut the decision 5-10% (AMD EPYC,
+    docs/speed.md). Tensors under SMALL elements, where its extra operators cost more, and fp16, whose range is
+    too small for e (e + 2), keep torch's kernel. In fp32 the ratio is 1 above x = 20, so the clamp is exact."""
     SMALL = 2048  # where torch's ~6 ns per element equals one exp-form pass plus four extra operator calls
 
     def forward(self, x):
@@ -80,16 +77,11 @@ class Mish(nn.Module):
 
 class HorizonConv1d(nn.Conv1d):
     """nn.Conv1d with 'same' padding (stride 1, padding k // 2) that skips the taps which read only padding.
-    The official U-Net halves H = 8 down to 1 at its bottleneck. On a horizon of L < k // 2 + 1 steps, taps
-    farther than L - 1 from the centre multiply zeros only: at L = 1 (its 512 -> 512, k = 5 convolutions) the
-    centre tap alone is one matrix product, and at L = 2 three of the five taps do all the work. Same
-    parameters and state_dict as nn.Conv1d, same result up to float summation order.
-
-    While no gradient is being recorded (planning), the trimmed kernel is kept as a contiguous copy, refreshed
-    when the weight changes (an optimizer step or load_state_dict bumps weight._version; .to() makes a new
-    tensor). Slicing the tap at every call cost as much as the product it fed.
-    Measured (2-core AMD EPYC, 2 threads, official sizes, one U-Net pass at batch 64): 34.8 ms as plain
-    convolutions, 17.2 ms with the centre tap sliced per call; the cached, trimmed kernels: see docs/speed.md."""
+    On a horizon of L <= k // 2 steps, taps farther than L - 1 from the centre multiply zeros: at the official
+    U-Net's H = 1 bottleneck the centre tap alone is one matrix product, at L = 2 three of five taps remain.
+    Same parameters and state_dict as nn.Conv1d, same result up to float summation order. While no gradient is
+    recorded (planning) the trimmed kernel is kept contiguous, refreshed when the weight changes (an optimizer
+    step or load_state_dict bumps weight._version; .to() makes a new tensor). Measured: docs/speed.md."""
 
     def _trimmed(self, L):
         """The taps that can reach an input on a horizon of L steps: (C_out, C_in, 2L - 1)."""
