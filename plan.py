@@ -250,7 +250,7 @@ def add_planner_flags(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, default=None, type={"int": int, "float": float}[str(f.type)], help=help_text)
     p.add_argument("--reduced-precision", action="store_true",
                    help="opt-in: bf16 inside oneDNN's CPU products where the CPU has bf16 units, TF32 on CUDA "
-                        "(default: strict fp32; data.set_matmul_precision)")
+                        "(default: strict fp32; machine.set_matmul_precision)")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
 
 
