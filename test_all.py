@@ -74,6 +74,38 @@ def test_transformer_attention_matches_sdpa():
             diff = (out - ref).abs().max().item()
             print(f"attention vs sdpa (is_causal={is_causal}) max diff {diff:.2e}")
             assert diff < 1e-5
+    # the gradient through the written-out softmax (its row max detached) is SDPA's
+    for is_causal in (True, False):
+        grads = []
+        for use_sdpa in (True, False):
+            xg = x.clone().requires_grad_()
+            if use_sdpa:
+                q, k, v = (lin(xg).view(B, T, nh, D // nh).transpose(1, 2) for lin in (attn.q, attn.k, attn.v))
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
+                y = attn.out(y.transpose(1, 2).reshape(B, T, D))
+            else:
+                y = attn(xg, causal_mask(pos, pos) if is_causal else None)
+            (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+            grads.append(xg.grad)
+        assert (grads[0] - grads[1]).abs().max().item() < 1e-5
+
+
+def test_transformer_dropout():
+    """transformer.Dropout is inverted dropout: each element zeroed w.p. p, the rest scaled by 1 / (1 - p), so
+    the mean is kept; its gradient is the same mask and scale; eval mode and p = 0 are the identity."""
+    from transformer import Dropout
+    torch.manual_seed(0)
+    x = torch.rand(200, 500) + 1.0  # no zeros of its own
+    drop = Dropout(0.1).train()
+    xg = x.clone().requires_grad_()
+    y = drop(xg)
+    zeroed = (y == 0)
+    assert abs(zeroed.float().mean().item() - 0.1) < 0.005  # 100k draws: the std of the fraction is 0.001
+    assert torch.allclose(y[~zeroed], x[~zeroed] / 0.9)
+    assert abs(y.mean().item() / x.mean().item() - 1.0) < 0.01
+    y.sum().backward()
+    assert torch.allclose(xg.grad, (~zeroed).float() / 0.9)
+    assert torch.equal(drop.eval()(x), x) and torch.equal(Dropout(0.0).train()(x), x)
 
 
 def test_transformer_no_causal_leak():
