@@ -21,7 +21,8 @@ for r in $(seq "$REPS"); do
   echo "[$CPU] rep $r: old $(rate "$TMP/old_$r/metrics.jsonl") it/s, new $(rate "$TMP/new_$r/metrics.jsonl") it/s"
 done
 B="--batches 1 --ks 5 --decisions ${DECISIONS:-10} --reference-decisions ${REF_DECISIONS:-3} --threads $THREADS"
-(cd "$TMP/old" && python3 plan.py --checkpoint "$TMP/old_1/checkpoint.pt" --benchmark $B --json "$TMP/old_bench.json" > /dev/null 2>&1)
+OLD_BENCH=plan.py; [ -f "$TMP/old/bench.py" ] && OLD_BENCH=bench.py  # the benchmark moved to bench.py after 647e500
+(cd "$TMP/old" && python3 $OLD_BENCH --checkpoint "$TMP/old_1/checkpoint.pt" --benchmark $B --json "$TMP/old_bench.json" > /dev/null 2>&1)
 python3 bench.py --checkpoint "$TMP/new_1/checkpoint.pt" --benchmark $B --json "$TMP/new_bench.json" > /dev/null 2>&1
 git worktree remove --force "$TMP/old"
 python3 - "$TMP" "$REPS" "$CPU" <<'PY'
