@@ -1507,6 +1507,44 @@ def test_precision_default_is_strict_fp32(tiny_run, monkeypatch):
         machine.set_matmul_precision(cpu, onednn=False)
 
 
+
+def test_precision_default_gradients_match_float64(tmp_path):
+    """Under the default settings every network's gradient, at the CPU preset's sizes and batch, matches a
+    float64 copy's to 1e-5 relative per parameter. The start-up probe checks forward products only; the
+    backward pass multiplies by transposed operands and sums over the batch, shapes the probe does not make."""
+    import copy
+    cfg = config.resolve_config({"env": "halfcheetah-medium-sb3"})  # its row: the CPU preset, H = 8, C = 7
+    d = data.load("halfcheetah-medium-sb3", str(cheetah_file(tmp_path / "tiny.hdf5")), rtg_scale=cfg.rtg_scale,
+                  discount=cfg.discount, cond_discount=cfg.cond_discount)
+    batch = data.WindowSampler(d, cfg.context + cfg.horizon - 1).sample(64, torch.Generator().manual_seed(0))
+    win = {k: v[:, :cfg.horizon] for k, v in batch.items() if v.dim() >= 2}
+    torch.manual_seed(0)
+    nets = config.build_networks(config.model_args(cfg, 17, 6, d.normalizer))
+    draws = nets["diffusion"].training_draws(win["states"])
+    losses = {"transformer": lambda m, b, w: m.loss(b["states"], b["rtg"], b["mask"])[0],
+              "diffusion": lambda m, b, w: m.loss(w["states"], w["cond_rtg"][:, 0], draws),
+              "invdyn": lambda m, b, w: m.loss(w["states"], w["next_states"], w["actions"], w["next_mask"])}
+    cpu = torch.device("cpu")
+    try:
+        print(machine.set_matmul_precision(cpu))  # what train.py sets
+        for name, loss in losses.items():
+            grads = {}
+            for dtype in (torch.float32, torch.float64):
+                m = copy.deepcopy(nets[name]).to(dtype).eval()  # eval: no dropout draws to match
+                cast = lambda t: t.to(dtype) if t.is_floating_point() else t
+                with torch.no_grad():
+                    b, w = ({k: cast(v) for k, v in x.items()} for x in (batch, win))
+                loss(m, b, w).backward()
+                grads[dtype] = {n: p.grad.double() for n, p in m.named_parameters() if p.grad is not None}
+            g32, g64 = grads[torch.float32], grads[torch.float64]
+            scale = max(float(g.norm()) for g in g64.values())
+            worst = max(float((g32[n] - g64[n]).norm() / g64[n].norm()) for n in g64
+                        if g64[n].norm() > 1e-6 * scale)  # a gradient that is zero in exact arithmetic has no digits
+            print(f"{name}: worst relative gradient error {worst:.1e}")
+            assert worst < 1e-5, (name, worst)
+    finally:
+        machine.set_matmul_precision(cpu, onednn=False)
+
 def test_cli_keep_at_keeps_planning_copies(tmp_path):
     """--keep-at keeps a planning-only copy at each asked-for step (later saves do not overwrite it), each
     loads in plan.py and acts, and a bad list is refused with a one-line error before anything is written."""
