@@ -2,8 +2,12 @@
 # Two regressions, settled by measurement: today's training step against an earlier commit's, trained and scored
 # side by side on this machine (2-core CPU protocol: single-threaded processes, JOBS at a time). Each commit trains
 # and plans with its own code (a git worktree under .regress/); scores are on episode seeds 1000+.
-#   bash scripts/regressions.sh failed   # halfcheetah-medium-sb3, SEEDS x {today, 6fd4ede}: td and transformer,
-#                                        # 20 episodes per seed; episodes below 35 counted by `summary`
+#   bash scripts/regressions.sh failed   # halfcheetah-medium-sb3, SEEDS x ARMS, 20 episodes per seed; episodes
+#                                        # below 35 counted by `summary`. The arms: c6fd4ede (the earlier step),
+#                                        # today (974766d, the step the failures were reported on), mkl (974766d
+#                                        # with every fp32 product through MKL instead of oneDNN: a one-line patch
+#                                        # applied in its worktree), c802b222 (the transformer's softmax and
+#                                        # dropout written out). td and transformer, mkl transformer alone.
 #   bash scripts/regressions.sh hopper   # hopper-medium-sb3 under the D4RL name hopper-medium-v2, the way a user
 #                                        # brings a file: 647e500 with the CPU recipe by hand against --preset cpu;
 #                                        # transformer alone, 3 seeds, 20 episodes per seed
@@ -39,10 +43,19 @@ job() {
 # "today" is this checkout's HEAD, frozen in a worktree too, so that the checkout can change while jobs run.
 case "${1:-}" in
 failed)
-  old=$(worktree 6fd4ede); now=$(worktree "$(git rev-parse --short HEAD)")
-  for s in ${SEEDS:-0 1 2 3 4}; do
-    job today "$now" "$s" "--env halfcheetah-medium-sb3" "td transformer"
-    job c6fd4ede "$old" "$s" "--env halfcheetah-medium-sb3" "td transformer"
+  if [ ! -d .regress/mkl ]; then  # 974766d, its products forced to MKL: the start-up line says "fp32 (MKL)"
+    git worktree add --detach .regress/mkl 974766d > /dev/null
+    sed -i 's/^    if not (onednn or reduced):/    onednn = False  # A\/B patch: MKL for every product\n&/' .regress/mkl/machine.py
+  fi
+  for s in ${SEEDS:-0 1 2 3 4 5 6 7}; do
+    for arm in ${ARMS:-c6fd4ede today mkl c802b222}; do
+      case $arm in
+        c6fd4ede) job c6fd4ede "$(worktree 6fd4ede)" "$s" "--env halfcheetah-medium-sb3" "transformer td" ;;
+        today) job today "$(worktree 974766d)" "$s" "--env halfcheetah-medium-sb3" "transformer td" ;;
+        mkl) job mkl "$ROOT/.regress/mkl" "$s" "--env halfcheetah-medium-sb3" "transformer" ;;
+        c802b222) job c802b222 "$(worktree 802b222)" "$s" "--env halfcheetah-medium-sb3" "transformer td" ;;
+      esac
+    done
   done | run_jobs ;;
 hopper)
   old=$(worktree 647e500); now=$(worktree "$(git rev-parse --short HEAD)")
