@@ -121,6 +121,9 @@ class Config(PlanConfig):
     reduced_precision: bool = setting(False, "opt-in: bf16 inside oneDNN's CPU matrix products (computes in bf16 "
                                              "only on CPUs with bf16 units, e.g. AMX), TF32 on CUDA; the start-up "
                                              "line says what was measured. Default: strict fp32 everywhere")
+    onednn: bool = setting(True, "CPU: fp32 matrix products through oneDNN where a start-up probe shows them exact "
+                                 "(about 2x MKL's on AVX-512 CPUs without AMX), else MKL; --no-onednn: MKL always. "
+                                 "Both are fp32 and differ in summation order (docs/results.md, failed episodes)")
     # --- data ---
     discount: float = setting(1.0, "transformer return-to-go discount (official: undiscounted; its --gamma is unused)")
     # DEVIATION: the official denoiser is conditioned on the same undiscounted return-to-go as the transformer.

@@ -1508,6 +1508,15 @@ def test_precision_default_is_strict_fp32(tiny_run, monkeypatch):
 
 
 
+
+def test_precision_no_onednn_trains_through_mkl(tmp_path):
+    """--no-onednn sends the training's fp32 products to MKL whatever the probe says, and says so at start-up."""
+    p = run_script("train.py", "--env", "halfcheetah-medium-sb3", "--dataset", cheetah_file(tmp_path / "tiny.hdf5"),
+                   "--steps", "2", "--eval-episodes", "0", "--out", tmp_path / "run", "--no-onednn", *TINY_FLAGS)
+    line = next(l for l in p.stdout.splitlines() if "matmul:" in l)
+    assert "matmul: fp32 (MKL)" in line, line
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["onednn"] is False
+
 def test_precision_default_gradients_match_float64(tmp_path):
     """Under the default settings every network's gradient, at the CPU preset's sizes and batch, matches a
     float64 copy's to 1e-5 relative per parameter. The start-up probe checks forward products only; the

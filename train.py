@@ -212,7 +212,7 @@ class Run:
                 torch.cuda.set_device(self.device)
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
         self.threads = set_threads(cfg.threads, self.world if self.device.type == "cpu" else 1)
-        self.matmul = set_matmul_precision(self.device, cfg.reduced_precision)  # strict fp32 unless opted out
+        self.matmul = set_matmul_precision(self.device, cfg.reduced_precision, cfg.onednn)  # strict fp32 by default
         # the concurrent step: a worker thread for the transformer; each thread's kernels take half the threads
         self.pool = None
         if cfg.concurrent and self.device.type == "cpu" and self.world == 1 and self.threads >= 2:
@@ -233,7 +233,7 @@ class Run:
             # always now: this machine and invocation; now if given, else the checkpoint's: the budget, the data
             # file and the evaluation simulator (which changes no weight), so that a --preset run resumes alike
             now = {"resume", "device", "threads", "debug", "amp", "cuda_graph", "compile", "out", "concurrent",
-                   "reduced_precision"}
+                   "reduced_precision", "onednn"}
             keep = {"steps", "eval_episodes", "eval_every", "save_every", "dataset", "log_every", "batch_envs",
                     "legacy_dynamics", "keep_at"}
             cfg = dataclasses.replace(old, **{k: v for k, v in dataclasses.asdict(cfg).items()
