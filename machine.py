@@ -52,9 +52,9 @@ def set_matmul_precision(device: torch.device, reduced: bool = False, onednn: bo
     oneDNN path is taken only where matmul_probe_error() shows it computes in fp32 (< 1e-5), else MKL. Before
     the probe, ONEDNN_MAX_CPU_ISA defaults to AVX512_CORE_BF16, which keeps oneDNN off AMX (on the Intel
     kind that brought the probe back to 4.9e-7); it acts only if no oneDNN primitive ran yet in this process.
-    onednn=False (planning: its small batches ran faster on MKL; training with --no-onednn) keeps MKL. reduced=True allows bf16 inside
-    oneDNN's products; whether it computes in bf16 depends on the CPU, and the probe says which. On an Intel
-    CPU with AMX, also set ONEDNN_MAX_CPU_ISA=AVX512_CORE_AMX, or the default cap keeps it in fp32.
+    onednn=False (planning: its small batches ran faster on MKL; training with --no-onednn) keeps MKL. reduced=True
+    allows bf16 inside oneDNN's products; whether it computes in bf16 depends on the CPU, and the probe says which.
+    On an Intel CPU with AMX, also set ONEDNN_MAX_CPU_ISA=AVX512_CORE_AMX, or the default cap keeps it in fp32.
     CUDA. Strict: TF32 off for matmuls and cuDNN convolutions (torch's own default lets convolutions use TF32).
     reduced=True turns TF32 on for both (10-bit mantissa inputs, fp32 accumulation)."""
     if device.type == "cuda":
