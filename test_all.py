@@ -1517,6 +1517,7 @@ def test_precision_no_onednn_trains_through_mkl(tmp_path):
     assert "matmul: fp32 (MKL)" in line, line
     assert json.loads((tmp_path / "run" / "config.json").read_text())["onednn"] is False
 
+
 def test_precision_default_gradients_match_float64(tmp_path):
     """Under the default settings every network's gradient, at the CPU preset's sizes and batch, matches a
     float64 copy's to 1e-5 relative per parameter. The start-up probe checks forward products only; the

@@ -77,7 +77,7 @@ class SelfAttention(nn.Module):
         if mask is not None:
             att = att.masked_fill(mask, float("-inf"))                             # the diagonal is never hidden: no all -inf row
         # softmax over the keys, written out: torch's CPU kernel took 1.0 ms on the training's (64, 4, 14, 14)
-        # scores, 270 ns per row of 14, against 0.25 ms for these three passes (AMD EPYC, 1 thread).
+        # scores, 270 ns per row of 14, against 0.25 ms for max, exp, sum and divide (AMD EPYC, 1 thread).
         att = (att - att.amax(dim=-1, keepdim=True).detach()).exp()                # shift-invariant: max gets no gradient
         att = att / att.sum(dim=-1, keepdim=True)                                  # exp(-inf) = 0 hides masked keys
         y = att @ v                                                                # (B, nh, T, M) @ (B, nh, M, hs) -> (B, nh, T, hs)

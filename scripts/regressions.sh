@@ -75,12 +75,14 @@ for f in sorted(glob.glob(f"{sys.argv[1]}/*_s*_*.json")):
         r = json.load(open(f))
         runs[(m.group(1), m.group(3))][int(m.group(2))] = r["normalized_scores"]
         envs[(m.group(1), m.group(3))] = r["env"]
+def failures(scores):  # a failed episode (a flip or a stall) is one below 35 on halfcheetah
+    return int(np.sum(np.array(scores) < 35))
 print("| code | planner | mean ± std across seeds | per seed | episodes per seed | episodes below 35 |")
 print("|---|---|---|---|---|---|")
 for (code, planner), seeds in sorted(runs.items()):
     means = np.array([np.mean(v) for v in seeds.values()])
-    total = sum(len(v) for v in seeds.values())  # a failed episode (a flip or a stall) is one below 35 on halfcheetah
-    failed = (f"{sum(int(np.sum(np.array(v) < 35)) for v in seeds.values())} of {total}"
+    total = sum(len(v) for v in seeds.values())
+    failed = (f"{sum(failures(v) for v in seeds.values())} of {total}"
               if envs[(code, planner)].startswith("halfcheetah") else "n/a")
     print(f"| {code} | {planner} | {means.mean():.1f} ± {means.std():.1f} ({len(seeds)} seeds) | "
           + ", ".join(f"{m:.1f}" for m in means) + f" | {sorted({len(v) for v in seeds.values()})} | {failed} |")
@@ -91,7 +93,7 @@ from itertools import combinations
 for planner in sorted({p for _, p in runs}):
     codes = sorted(c for c, p in runs if p == planner and envs[(c, p)].startswith("halfcheetah"))
     for a, b in combinations(codes, 2):
-        fa, fb = ([int(np.sum(np.array(v) < 35)) for v in runs[(c, planner)].values()] for c in (a, b))
+        fa, fb = ([failures(v) for v in runs[(c, planner)].values()] for c in (a, b))
         pooled, observed = fa + fb, abs(np.mean(fa) - np.mean(fb))
         splits = [abs(np.mean([pooled[i] for i in g]) - np.mean([pooled[i] for i in range(len(pooled)) if i not in g]))
                   for g in combinations(range(len(pooled)), len(fa))]
@@ -107,7 +109,7 @@ PATHS = {"oneDNN": ("today", "c802b222"), "MKL": ("c6fd4ede", "mkl")}
 LATER = lambda code, seed: code == "c802b222" or seed >= 4
 for planner in sorted({p for _, p in runs}):
     for label, keep in (("all seeds", lambda c, s: True), ("seeds trained after the grouping was proposed", LATER)):
-        groups = {path: [int(np.sum(np.array(v) < 35)) for c in codes if (c, planner) in runs
+        groups = {path: [failures(v) for c in codes if (c, planner) in runs
                          for s, v in runs[(c, planner)].items() if keep(c, s)] for path, codes in PATHS.items()}
         if not all(groups.values()):
             continue
