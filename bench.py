@@ -421,14 +421,16 @@ def diagnose(ckpt_path, png: str, device: str = "cpu", n_windows: int = 512, see
     for k in ks:
         if k < T:
             torch.manual_seed(seed)
-            plans.append(plan_error(den.refine(tf_plan, k, cond, planner.w, add_noise=cfg.refine_noise), k))
+            plans.append(plan_error(den.refine(tf_plan, k, cond, planner.w, add_noise=cfg.refine_noise,
+                                                 temperature=cfg.temperature), k))
     torch.manual_seed(seed)
-    plans.append(plan_error(den.sample(x0[:, 0], cond, planner.w), T))
+    alpha = cfg.sample_temperature  # from noise at the baseline's temperature (Decision Diffuser: 0.5)
+    plans.append(plan_error(den.sample(x0[:, 0], cond, planner.w, temperature=alpha), T))
     clamped, den.clip_denoised = den.clip_denoised, False  # the chain without the x_0 clamp: is it needed?
     torch.manual_seed(seed)
-    no_clamp = plan_error(den.sample(x0[:, 0], cond, planner.w), T)
+    no_clamp = plan_error(den.sample(x0[:, 0], cond, planner.w, temperature=alpha), T)
     # how often the x_0 clamp binds at the first from-noise step (t = T - 1)
-    x_T = torch.randn_like(x0)
+    x_T = alpha * torch.randn_like(x0)
     x_T[:, 0] = x0[:, 0]
     tT = torch.full((B,), T - 1, device=dev, dtype=torch.long)
     raw = den.predict_x0(x_T, tT, den.guided_output(x_T, tT, cond, planner.w))
@@ -440,7 +442,8 @@ def diagnose(ckpt_path, png: str, device: str = "cpu", n_windows: int = 512, see
         for c in targets:
             torch.manual_seed(seed)
             cc = torch.full((B, 1), float(c), device=dev)
-            outs.append(den.sample(x0[:, 0], cc, planner.w) if k >= T else den.refine(tf_plan, k, cc, planner.w))
+            outs.append(den.sample(x0[:, 0], cc, planner.w, temperature=alpha) if k >= T else
+                        den.refine(tf_plan, k, cc, planner.w, temperature=cfg.temperature))
         effect[f"{name}_k{k}"] = float((outs[-1] - outs[0])[:, 1:].pow(2).mean().sqrt())
     hi = [i for i in per_t["t"] if i >= int(0.9 * T)]
     summary = {

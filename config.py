@@ -62,6 +62,17 @@ class PlanConfig:
     n_candidates: int = setting(32, "plans per decision, ranked by the critic (official 32)")
     critic_temperature: float = setting(1.0, "softmax temperature over critic values; 0 = argmax (official 1)")
     refine_noise: bool = setting(True, "noise the plan to level k before refining; --no-refine-noise = official")
+    temperature: float = setting(1.0, "alpha of the refinement: the scale of the noise to level k and of each "
+                                      "reverse step's noise (1 = DDPM, official; 0 = deterministic)")
+    # DEVIATION: diffusion from noise samples at Decision Diffuser's alpha = 0.5 (x_T = 0.5 z, each step's noise
+    # halved); the official Trajectory Diffuser sampler uses 1. docs/results.md measures both.
+    sample_temperature: float = setting(0.5, "alpha of diffusion from noise (--planner diffusion, the Decision "
+                                             "Diffuser baseline): scales x_T and each step's noise (DD 0.5; the "
+                                             "official code's sampler 1)")
+    proposals: str = setting("mean", "the transformer's candidate plans: mean = one eval-mode rollout per "
+                                     "environment, the N candidates differing only by refinement noise (ours); "
+                                     "dropout = N rollouts with the transformer's dropout on (the official toy's "
+                                     "sampler), so candidates differ before the optimizer sees them")
     legacy_dynamics: bool = setting(False, "evaluate in the dynamics of mujoco-py on MuJoCo 2.1 (envs.py), the "
                                            "simulator D4RL's locomotion data came from; on by default for D4RL's "
                                            "*-v2 locomotion names, --no-legacy-dynamics opts out")
@@ -233,6 +244,7 @@ METHODS = {
         unet_full_skip=False, unet_time_mult=2, x0_clamp=False,  # time MLP 64->128->64, no x_0 clamp
         cond_discount=1.0, cond_target=0.0,             # the transformer's return-to-go / 1000, decremented
         cond_drop_prob=0.5, refine_noise=False,         # the plan is taken as x_k, no noise added
+        temperature=1.0, sample_temperature=1.0,        # DDPM's full noise when refining and from noise
         invdyn_clamp_loss=True, invdyn_next_own_stats=True,
         n_candidates=32, use_critic=True, critic_temperature=1.0, critic_lr_decay=False,
         ema_copy_each_step=True, norm_eps=1e-5, episode_split="official"),

@@ -342,20 +342,21 @@ class GaussianDiffusion(nn.Module):
         out_c, out_u = out.chunk(2)  # (2B, H, S) -> 2 x (B, H, S)
         return out_u + w * (out_c - out_u)
 
-    def p_sample(self, x, t, returns, w, cond_state):
-        """One ancestral step x_t -> x_{t-1} (DDPM Alg. 2 line 4), then re-impose cond_state (B, S) at x[:, 0]."""
+    def p_sample(self, x, t, returns, w, cond_state, temperature=1.0):
+        """One ancestral step x_t -> x_{t-1} (DDPM Alg. 2 line 4), then re-impose cond_state (B, S) at x[:, 0].
+        temperature alpha scales the step's noise: x_{t-1} = mean + alpha sigma_t z (Decision Diffuser: 0.5)."""
         x0 = self.predict_x0(x, t, self.guided_output(x, t, returns, w))
         mean, _, log_var = self.q_posterior(x0, x, t)
         nonzero = (t != 0).to(x.dtype)[:, None, None]  # no noise at t == 0
-        x = mean + nonzero * (0.5 * log_var).exp() * torch.randn_like(x)
+        x = mean + nonzero * temperature * (0.5 * log_var).exp() * torch.randn_like(x)
         x[:, 0] = cond_state
         return x
 
-    def _denoise(self, x, k, returns, w, cond_state):
+    def _denoise(self, x, k, returns, w, cond_state, temperature=1.0):
         """Run timesteps k-1, ..., 0. Device work only: the timestep tensors are made once, up front."""
         ts = torch.arange(k - 1, -1, -1, device=x.device)  # (k,)
         for i in range(k):
-            x = self.p_sample(x, ts[i].expand(x.shape[0]), returns, w, cond_state)
+            x = self.p_sample(x, ts[i].expand(x.shape[0]), returns, w, cond_state, temperature)
         return x
 
     def _check_inputs(self, x, returns):
@@ -364,11 +365,13 @@ class GaussianDiffusion(nn.Module):
                              f"got {tuple(x.shape)} and {tuple(returns.shape)}")
 
     @torch.no_grad()
-    def refine(self, x_init, k, returns, w=1.2, add_noise=True):
+    def refine(self, x_init, k, returns, w=1.2, add_noise=True, temperature=1.0):
         """Trajectory Diffuser's optimizer: noise the plan x_init (B, H, S) to level k, denoise k steps.
 
         k = 0 returns x_init unchanged; k = T is (nearly) sampling from scratch.
         add_noise=False is the official variant: x_init is taken as x_k itself.
+        temperature alpha scales every noise draw: x_k = sqrt(ab_k) x_0 + alpha sqrt(1 - ab_k) z, and each
+        reverse step's noise; at k = T this is sample() with the same alpha.
         """
         self._check_inputs(x_init, returns)
         if not 0 <= k <= self.n_timesteps:
@@ -380,15 +383,18 @@ class GaussianDiffusion(nn.Module):
         # DEVIATION: the official code adds no noise before refining; we draw x_k ~ q(x_k | x_0 = plan),
         # so the denoiser sees inputs from its training distribution at every level.
         if add_noise:
-            x = self.q_sample(x_init, torch.full((x.shape[0],), k - 1, device=x.device, dtype=torch.long))
+            t = torch.full((x.shape[0],), k - 1, device=x.device, dtype=torch.long)
+            x = self.q_sample(x_init, t, temperature * torch.randn_like(x_init))
             x[:, 0] = cond_state
-        return self._denoise(x, k, returns, w, cond_state)
+        return self._denoise(x, k, returns, w, cond_state, temperature)
 
     @torch.no_grad()
-    def sample(self, cond_state, returns, w=1.2):
-        """Decision Diffuser baseline: from pure noise with x[:, 0] = cond_state (B, S), denoise all T steps."""
-        x = torch.randn(cond_state.shape[0], self.horizon, self.state_dim, device=cond_state.device,
-                        dtype=cond_state.dtype)
+    def sample(self, cond_state, returns, w=1.2, temperature=1.0):
+        """Decision Diffuser baseline: from noise x_T = alpha z with x[:, 0] = cond_state (B, S), denoise all T
+        steps, each step's noise scaled by alpha too. DD samples at alpha = 0.5 (its p_sample draws 0.5 z, its
+        chain starts at 0.5 z; its paper's Table A1 ablates alpha); alpha = 1 is DDPM's Alg. 2."""
+        x = temperature * torch.randn(cond_state.shape[0], self.horizon, self.state_dim, device=cond_state.device,
+                                      dtype=cond_state.dtype)
         self._check_inputs(x, returns)
         x[:, 0] = cond_state
-        return self._denoise(x, self.n_timesteps, returns, w, cond_state)
+        return self._denoise(x, self.n_timesteps, returns, w, cond_state, temperature)

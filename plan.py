@@ -39,6 +39,8 @@ from inverse_dynamics import select_candidate
 from machine import pick_device, set_matmul_precision, set_threads
 import sources
 
+PROPOSALS = ("mean", "dropout")  # how the transformer proposes candidates (PlanConfig.proposals)
+
 # ----------------------------------------------------------------------------------------------------
 # The planner
 # ----------------------------------------------------------------------------------------------------
@@ -65,6 +67,10 @@ class Planner:
         if self.N > 1 and self.critic is None:
             raise UsageError(f"{self.N} candidates need the critic, but this checkpoint has none "
                              f"(trained with --no-use-critic); use --n-candidates 1")
+        if cfg.proposals not in PROPOSALS:
+            raise UsageError(f"unknown proposals {cfg.proposals!r}; choose {' or '.join(PROPOSALS)}")
+        if cfg.temperature < 0 or cfg.sample_temperature < 0:
+            raise UsageError(f"temperatures must be >= 0, got {cfg.temperature} and {cfg.sample_temperature}")
         self.set_bounds(-1.0, 1.0)
         self.reset(1)
 
@@ -135,16 +141,25 @@ class Planner:
         cond = (torch.full((B * N, 1), float(self.cfg.cond_target), device=hist_s.device) if self.cfg.cond_target
                 else hist_r[:, -1].repeat_interleave(N, 0))                 # (B*N, 1)
         w = self.w.repeat_interleave(N, 0) if torch.is_tensor(self.w) else self.w  # a (B,1,1) w in k x w sweeps
-        if self.planner == "diffusion":
-            x = self.denoiser.sample(s0, cond, w)                           # (B*N, H, S), all T steps from noise
+        if self.planner == "diffusion":                                     # (B*N, H, S), all T steps from noise
+            x = self.denoiser.sample(s0, cond, w, temperature=self.cfg.sample_temperature)
         else:
-            # 1. the transformer's plan. The rollout is deterministic, so it runs once per environment and the
-            # N candidates differ only by the refinement's noise (the official code rolls out N identical copies).
-            future, _ = self.transformer.rollout(hist_s, hist_r, H - 1)     # (B, H-1, S)
-            x = torch.cat([hist_s[:, -1:], future], dim=1).repeat_interleave(N, 0)  # (B*N, H, S)
+            # 1. the transformer's plan. In eval mode the rollout is deterministic, so it runs once per environment
+            # and the N candidates differ only by the refinement's noise (the official code rolls out N identical
+            # copies). proposals="dropout" rolls out N plans with dropout on, N different plans.
+            if self.cfg.proposals == "dropout":
+                self.transformer.train()                                    # dropout on: a sample, not the mean
+                future, _ = self.transformer.rollout(hist_s.repeat_interleave(N, 0), hist_r.repeat_interleave(N, 0),
+                                                     H - 1)                 # (B*N, H-1, S)
+                self.transformer.eval()
+                x = torch.cat([s0[:, None], future], dim=1)                 # (B*N, H, S)
+            else:
+                future, _ = self.transformer.rollout(hist_s, hist_r, H - 1)  # (B, H-1, S)
+                x = torch.cat([hist_s[:, -1:], future], dim=1).repeat_interleave(N, 0)  # (B*N, H, S)
             # 2. the diffusion optimizer: noise to level k, denoise k guided steps
             if self.k > 0:
-                x = self.denoiser.refine(x, self.k, cond, w, add_noise=self.cfg.refine_noise)
+                x = self.denoiser.refine(x, self.k, cond, w, add_noise=self.cfg.refine_noise,
+                                         temperature=self.cfg.temperature)
         # 3. inverse dynamics on the first planned transition, clamped to the action space (DEVIATION: see
         # inverse_dynamics.InverseDynamics; the official code clamps in its training loss, not here)
         a = torch.clamp(self.invdyn(x[:, 0], x[:, 1]), self.low, self.high)  # (B*N, A)
@@ -213,6 +228,9 @@ def _evaluate(planner, env_name, episodes, seed, batch_envs, progress, seeds) ->
     scores = [float(sources.normalized_score(env_name, r)) if scored else None for r in returns]
     return {"env": env_name, "planner": planner.planner, "episodes": episodes, "k": planner.k,
             "guidance": planner.w, "candidates": planner.N, "refine_noise": planner.cfg.refine_noise,
+            "temperature": (planner.cfg.sample_temperature if planner.planner == "diffusion" else
+                            planner.cfg.temperature), "proposals": planner.cfg.proposals,
+            "critic_temperature": planner.cfg.critic_temperature,
             "target_return": planner.target, "legacy_dynamics": planner.cfg.legacy_dynamics,
             "return_mean": float(np.mean(returns)), "return_std": float(np.std(returns)),
             "normalized_score_mean": float(np.mean(scores)) if scored else None,
@@ -246,6 +264,8 @@ def add_planner_flags(p: argparse.ArgumentParser) -> None:
         flag, help_text = "--" + f.name.replace("_", "-"), f"{f.metadata['help']}; default: the checkpoint's"
         if f.type in ("bool", bool):
             p.add_argument(flag, default=None, action=argparse.BooleanOptionalAction, help=help_text)
+        elif f.name == "proposals":
+            p.add_argument(flag, default=None, choices=PROPOSALS, help=help_text)
         else:
             p.add_argument(flag, default=None, type={"int": int, "float": float}[str(f.type)], help=help_text)
     p.add_argument("--reduced-precision", action="store_true",

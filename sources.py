@@ -111,6 +111,14 @@ def _build_table() -> dict[str, DatasetInfo]:
 
 DATASETS: dict[str, DatasetInfo] = _build_table()
 
+# The bundled files' reference scores (datasets/README.md), written down once for every script and table: the data's
+# mean normalized score, its best source (the mean of the best policy in a mix) or best episode, and a plain BC MLP.
+BUNDLED_REFERENCES = {
+    "halfcheetah-medium-sb3": {"data mean": 34.1, "best episode": 40.8, "BC": 39.4},
+    "halfcheetah-medium-replay-sb3": {"data mean": 24.2, "best source": 38.3, "BC": 2.2},
+    "hopper-medium-sb3": {"data mean": 20.6, "best episode": 26.8, "BC": 23.4},
+}
+
 
 def get_info(name: str) -> DatasetInfo:
     if name in DATASETS:

@@ -1,0 +1,242 @@
+"""Decision Diffuser's sampler, the refinement's temperature and dropout proposals, on the bundled data.
+
+The study behind docs/results.md, "Decision Diffuser's sampler: td against DD on the same network" and "Proposals
+worth optimizing". One set of checkpoints per dataset, trained with the critic on (--preset cpu --use-critic), and
+every planner scored on the same networks:
+
+    python scripts/optimizer_study.py train               # 3 seeds x 2 datasets, --use-critic, 2 jobs of 1 thread
+    python scripts/optimizer_study.py select              # episode seeds 100+: choose td's alpha and the proposals' k
+    python scripts/optimizer_study.py report              # episode seeds 1000+: the reported scores
+    python scripts/optimizer_study.py timing              # ms per decision, one process, nothing else running
+    python scripts/optimizer_study.py summary             # the tables (markdown) from results/optimizer/*.json
+    python scripts/optimizer_study.py select --dry-run    # print the commands only
+
+Each evaluation is one `python plan.py ... --json results/optimizer/<env>_s<seed>_<name>.json`; a JSON that exists
+is not run again, so an interrupted stage continues where it stopped. The settings chosen on seeds 100+ (td's alpha,
+the proposals' k) are read back from the select stage's JSON by `report`, never typed in.
+Tests: python -m pytest test_all.py -k optimizer_study
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import sources  # noqa: E402  (the reference scores, written down once)
+
+OUT = ROOT / "results" / "optimizer"
+HCMR, HOPPER = "halfcheetah-medium-replay-sb3", "hopper-medium-sb3"
+SEEDS = (0, 1, 2)
+ALPHAS = (0.0, 0.5, 1.0)      # td's temperature, chosen at k = 1 and k = 5 on seeds 100+
+PROPOSAL_KS = (0, 1, 5, 20)  # dropout proposals, 8 candidates, the critic's argmax; k = 0 = no refinement
+GUIDANCE_FROM_NOISE = (1.2, 2.0, 4.0)
+
+
+def ckpt(env: str, seed: int) -> Path:
+    return ROOT / "runs" / "optimizer" / f"{env}-s{seed}" / "checkpoint.pt"
+
+
+def prop(n: int, k: int) -> str:
+    """Flags of dropout proposals: n candidates, refined at k (k = 0: the transformer's), the critic's argmax."""
+    planner = "transformer" if k == 0 else f"td --refine-steps {k}"
+    return f"--planner {planner} --proposals dropout --n-candidates {n} --critic-temperature 0"
+
+
+def select_runs() -> dict[str, str]:
+    """name -> plan.py flags, scored on episode seeds 100+ (10 episodes) to choose the defaults."""
+    runs = {f"td_k{k}_a{a:g}": f"--planner td --refine-steps {k} --temperature {a}" for k in (1, 5) for a in ALPHAS}
+    runs.update({f"prop8_k{k}": prop(8, k) for k in PROPOSAL_KS})
+    return runs
+
+
+def mean_score(env: str, name: str, stage: str) -> float | None:
+    """The mean over training seeds of one run's mean score; None until every seed has its JSON."""
+    scores = [load(env, s, name, stage) for s in SEEDS]
+    if any(r is None for r in scores):
+        return None
+    return statistics.mean(r["normalized_score_mean"] for r in scores)
+
+
+def chosen(env: str = HCMR) -> dict:
+    """The settings chosen on seeds 100+: td's alpha (best mean of k = 1 and 5) and the proposals' k."""
+    alpha = {a: [mean_score(env, f"td_k{k}_a{a:g}", "select") for k in (1, 5)] for a in ALPHAS}
+    if any(v is None for vs in alpha.values() for v in vs):
+        raise SystemExit("the select stage is not complete: python scripts/optimizer_study.py select")
+    k = {k: mean_score(env, f"prop8_k{k}", "select") for k in PROPOSAL_KS}
+    return {"alpha": max(ALPHAS, key=lambda a: (statistics.mean(alpha[a]), a == 1.0)),
+            "proposal_k": max(k, key=lambda kk: k[kk]), "alpha_scores": alpha, "proposal_scores": k}
+
+
+def report_runs(env: str) -> dict[str, tuple[str, int]]:
+    """name -> (plan.py flags, episodes), scored on episode seeds 1000+."""
+    c = chosen()
+    runs = {"transformer": ("--planner transformer", 20), "td": ("--planner td", 20),
+            f"prop32_k{c['proposal_k']}": (prop(32, c["proposal_k"]), 20)}
+    if env == HCMR:
+        if c["alpha"] != 1.0:
+            runs[f"td_a{c['alpha']:g}"] = (f"--planner td --temperature {c['alpha']}", 20)
+        runs[f"prop8_k{c['proposal_k']}"] = (prop(8, c["proposal_k"]), 20)
+        for w in GUIDANCE_FROM_NOISE:  # Decision Diffuser's sampler at its alpha = 0.5, and at DDPM's alpha = 1
+            runs[f"dd_a0.5_w{w:g}"] = (f"--planner diffusion --sample-temperature 0.5 --guidance {w}", 10)
+        runs["dd_a1_w1.2"] = ("--planner diffusion --sample-temperature 1 --guidance 1.2", 10)
+    return runs
+
+
+def json_path(env: str, seed: int, name: str, stage: str) -> Path:
+    return OUT / stage / f"{env}_s{seed}_{name}.json"
+
+
+def load(env, seed, name, stage):
+    p = json_path(env, seed, name, stage)
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def commands(stage: str) -> list[str]:
+    cmds = []
+    envs = (HCMR,) if stage == "select" else (HCMR, HOPPER)
+    for env in envs:
+        runs = ({n: (f, 10) for n, f in select_runs().items()} if stage == "select" else report_runs(env))
+        seed0 = 100 if stage == "select" else 1000
+        for s in SEEDS:
+            c = ckpt(env, s)
+            for name, (flags, episodes) in runs.items():
+                out = json_path(env, s, name, stage)
+                if out.is_file():
+                    continue
+                cmds.append(f"python plan.py --threads 1 --checkpoint {c.relative_to(ROOT)} {flags} --seed {seed0} "
+                            f"--episodes {episodes} --batch-envs {episodes} --json {out.relative_to(ROOT)}")
+    return cmds
+
+
+def train_commands() -> list[str]:
+    cmds = []
+    for env in (HCMR, HOPPER):
+        for s in SEEDS:
+            if ckpt(env, s).is_file():
+                continue
+            cmds.append(f"python train.py --env {env} --use-critic --threads 1 --eval-episodes 0 --seed {s} "
+                        f"--out {ckpt(env, s).parent.relative_to(ROOT)}")
+    return cmds
+
+
+def run_all(cmds: list[str], jobs: int, dry: bool) -> None:
+    """Run shell commands, jobs at a time (one thread each: never more processes than cores)."""
+    if dry:
+        print("\n".join(cmds) or "(nothing left to run)")
+        return
+    (ROOT / "logs").mkdir(exist_ok=True)
+
+    def one(i_cmd):
+        i, cmd = i_cmd
+        t0 = time.time()
+        with open(ROOT / "logs" / f"optimizer_{i}.log", "w") as log:
+            rc = subprocess.run(cmd, shell=True, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
+        print(f"[{'ok' if rc == 0 else f'FAILED rc={rc}'} {time.time() - t0:6.0f} s] {cmd}", flush=True)
+        return rc
+
+    with ThreadPoolExecutor(jobs) as pool:
+        failed = sum(rc != 0 for rc in pool.map(one, enumerate(cmds)))
+    if failed:
+        raise SystemExit(f"{failed} of {len(cmds)} commands failed; see logs/optimizer_*.log")
+
+
+def timing(decisions: int) -> dict:
+    """ms per decision (one environment, batch 1) of every planner on seed 0's checkpoints, in one process, side by
+    side. Run it with nothing else on the machine."""
+    import platform
+    import torch
+    from bench import time_decisions
+    from plan import Planner
+    torch.set_num_threads(1)
+    c = chosen()
+    settings = {"transformer": dict(planner="transformer"), "td": dict(planner="td"),
+                f"prop32_k{c['proposal_k']}": dict(planner="td" if c["proposal_k"] else "transformer",
+                                                   refine_steps=c["proposal_k"] or None, proposals="dropout",
+                                                   n_candidates=32, critic_temperature=0.0),
+                "dd_a0.5_w1.2": dict(planner="diffusion", sample_temperature=0.5)}
+    rows = {}
+    for env in (HCMR, HOPPER):
+        for name, kw in settings.items():
+            if env == HOPPER and name.startswith("dd"):
+                continue
+            planner = Planner.from_checkpoint(ckpt(env, 0), device="cpu", **kw)
+            rows[f"{env}/{name}"] = time_decisions(planner, batch=1, decisions=decisions)
+            print(f"{env:32s} {name:16s} {rows[f'{env}/{name}']:8.2f} ms per decision", flush=True)
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")),
+               platform.processor())
+    out = {"cpu": cpu, "threads": 1, "batch": 1, "decisions": decisions, "ms_per_decision": rows}
+    (OUT / "timing.json").write_text(json.dumps(out, indent=1))
+    return out
+
+
+def fmt(vals: list[float]) -> str:
+    return f"{statistics.mean(vals):.1f} ± {statistics.pstdev(vals):.1f}" if len(vals) > 1 else f"{vals[0]:.1f}"
+
+
+def table(env: str, stage: str, names: list[str]) -> str:
+    """One row per planner: mean ± std across training seeds of the per-seed means, the per-seed means, the
+    episodes, and the ms per environment decision of the scoring run (20 environments per call)."""
+    ref = sources.BUNDLED_REFERENCES.get(env, {})
+    lines = [f"| planner ({env}, seeds {'100' if stage == 'select' else '1000'}+) | score | per seed | seeds x "
+             f"episodes | ms per env decision (batched) |", "|---|---|---|---|---|"]
+    for name in names:
+        rs = [load(env, s, name, stage) for s in SEEDS]
+        rs = [r for r in rs if r is not None]
+        if not rs:
+            continue
+        scores = [r["normalized_score_mean"] for r in rs]
+        ms = statistics.mean(r["ms_per_env_decision"] for r in rs)
+        lines.append(f"| {name} | {fmt(scores)} | {', '.join(f'{x:.1f}' for x in scores)} | {len(rs)}x"
+                     f"{rs[0]['episodes']} | {ms:.1f} |")
+    lines += [f"| {k} | {v} | | | |" for k, v in ref.items()]
+    return "\n".join(lines)
+
+
+def summary() -> str:
+    parts = ["## select (episode seeds 100+)", table(HCMR, "select", list(select_runs()))]
+    try:
+        c = chosen()
+        parts.append(f"chosen: td alpha = {c['alpha']:g}, proposals k = {c['proposal_k']}")
+        for env in (HCMR, HOPPER):
+            parts += [f"## report: {env} (episode seeds 1000+)", table(env, "report", list(report_runs(env)))]
+    except SystemExit as e:
+        parts.append(str(e))
+    if (OUT / "timing.json").is_file():
+        t = json.loads((OUT / "timing.json").read_text())
+        parts.append(f"## ms per decision, batch 1, 1 thread ({t['cpu']})")
+        parts += [f"- {k}: {v:.2f} ms" for k, v in t["ms_per_decision"].items()]
+    text = "\n\n".join(parts) + "\n"
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "summary.md").write_text(text)
+    return text
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("stage", choices=["train", "select", "report", "timing", "summary"])
+    p.add_argument("--jobs", type=int, default=2, help="processes at a time, one thread each (default 2 = the cores)")
+    p.add_argument("--dry-run", action="store_true", help="print the commands that are still to run, run none")
+    p.add_argument("--decisions", type=int, default=200, help="timing: decisions timed per planner")
+    args = p.parse_args(argv)
+    (OUT / "select").mkdir(parents=True, exist_ok=True)
+    (OUT / "report").mkdir(parents=True, exist_ok=True)
+    if args.stage == "train":
+        run_all(train_commands(), args.jobs, args.dry_run)
+    elif args.stage in ("select", "report"):
+        run_all(commands(args.stage), args.jobs, args.dry_run)
+    elif args.stage == "timing":
+        timing(args.decisions)
+    print(summary() if args.stage != "train" or args.dry_run is False else "", end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
