@@ -6,6 +6,7 @@ One part:              python -m pytest test_all.py -k transformer   (diffusion,
 No GPU and no network are needed. Comparisons print their max difference (pytest -s shows them).
 """
 
+import argparse
 import dataclasses
 import hashlib
 import json
@@ -2765,6 +2766,46 @@ def test_any_bundled_hopper_matches_readme(tmp_path):
     cfg = json.loads((tmp_path / "run" / "config.json").read_text())
     assert (cfg["horizon"], cfg["guidance"], cfg["preset"], cfg["lr"]) == (16, 1.2, "cpu", 5e-4)
     assert cfg["target_return"] == pytest.approx(d.episode_returns.max())  # 853.1, the best episode
+
+
+def test_any_bundled_reference_scores_are_the_data_s_own():
+    """sources.BUNDLED_REFERENCES, the one copy of each bundled file's references that scripts and tables read, is
+    what the data compute (the mean, the best episode or source) and what datasets/README.md's table says."""
+    readme = (ROOT / "datasets" / "README.md").read_text()
+    for name, ref in sources.BUNDLED_REFERENCES.items():
+        d = data.load(name)
+        norm = sources.normalized_score(name, d.episode_returns)
+        assert round(float(norm.mean()), 1) == ref["data mean"], name
+        if "best episode" in ref:
+            assert round(float(norm.max()), 1) == ref["best episode"], name
+        else:  # a mix: the mean of its best source
+            with h5py.File(d.path) as f:
+                src = f["metadata/episode_source"][()]
+            assert round(max(float(norm[src == s].mean()) for s in np.unique(src)), 1) == ref["best source"]
+        row = next(line for line in readme.splitlines() if line.startswith(f"| `{name}`"))
+        assert f"| {ref['data mean']} (" in row and f"| {ref['BC']} ± " in row, row
+
+
+def test_any_optimizer_study_commands_parse():
+    """scripts/optimizer_study.py's --help runs, and every plan.py command its stages would run parses with
+    plan.py's own flags, so a renamed flag fails here and not in an hour-long study."""
+    r = rel_run(["scripts/optimizer_study.py", "--help"])
+    assert r.returncode == 0 and "select" in r.stdout, r.stderr[-2000:]
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("optimizer_study", ROOT / "scripts" / "optimizer_study.py")
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    p = argparse.ArgumentParser()
+    plan.add_planner_flags(p)
+    for a in ("--episodes", "--seed", "--batch-envs"):
+        p.add_argument(a, type=int)
+    p.add_argument("--json")
+    flags = list(study.select_runs().values()) + [f for env in (study.HCMR, study.HOPPER)
+                                                  for f, _ in study.report_flags(env, 0.5, 5).values()]
+    assert any("--proposals dropout" in f for f in flags) and any("--sample-temperature 0.5" in f for f in flags)
+    for f in flags:
+        args = p.parse_args(["--checkpoint", "c.pt"] + f.split())
+        assert args.proposals in (None, "dropout") and args.planner in ("td", "transformer", "diffusion"), f
 
 
 # ------------------------------------------------------------------------------------------ termination

@@ -75,17 +75,22 @@ def chosen(env: str = HCMR) -> dict:
 
 
 def report_runs(env: str) -> dict[str, tuple[str, int]]:
-    """name -> (plan.py flags, episodes), scored on episode seeds 1000+."""
+    """name -> (plan.py flags, episodes), scored on episode seeds 1000+, at the settings chosen on seeds 100+."""
     c = chosen()
-    runs = {"transformer": ("--planner transformer", 20), "td": ("--planner td", 20),
-            f"prop32_k{c['proposal_k']}": (prop(32, c["proposal_k"]), 20)}
+    return report_flags(env, c["alpha"], c["proposal_k"])
+
+
+def report_flags(env: str, alpha: float, k: int) -> dict[str, tuple[str, int]]:
+    runs = {"transformer": ("--planner transformer", 20), "td": ("--planner td", 20), f"prop32_k{k}": (prop(32, k), 20)}
     if env == HCMR:
-        if c["alpha"] != 1.0:
-            runs[f"td_a{c['alpha']:g}"] = (f"--planner td --temperature {c['alpha']}", 20)
-        runs[f"prop8_k{c['proposal_k']}"] = (prop(8, c["proposal_k"]), 20)
+        if alpha != 1.0:
+            runs[f"td_a{alpha:g}"] = (f"--planner td --temperature {alpha}", 20)
+        runs[f"prop8_k{k}"] = (prop(8, k), 20)
         for w in GUIDANCE_FROM_NOISE:  # Decision Diffuser's sampler at its alpha = 0.5, and at DDPM's alpha = 1
             runs[f"dd_a0.5_w{w:g}"] = (f"--planner diffusion --sample-temperature 0.5 --guidance {w}", 10)
-        runs["dd_a1_w1.2"] = ("--planner diffusion --sample-temperature 1 --guidance 1.2", 10)
+    else:  # hopper: Decision Diffuser's sampler at the row's w, both temperatures
+        runs["dd_a0.5_w1.2"] = ("--planner diffusion --sample-temperature 0.5 --guidance 1.2", 10)
+    runs["dd_a1_w1.2"] = ("--planner diffusion --sample-temperature 1 --guidance 1.2", 10)
     return runs
 
 
