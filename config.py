@@ -124,7 +124,7 @@ class Config(PlanConfig):
     batch_envs: int = setting(10, "environments planned together in one batched call during evaluation")
     amp: bool = setting(False, "opt-in: bf16 autocast for the training forward passes (CUDA only; reduced precision)")
     cuda_graph: bool = setting(False, "capture the whole training step as one CUDA graph and replay it "
-                                      "(CUDA, 1 process; bench.CudaGraphed)")
+                                      "(CUDA, 1 process; machine.CudaGraphed)")
     compile: bool = setting(False, "torch.compile the losses (forward and backward fused by inductor); pair with "
                                    "--cuda-graph on CUDA")
     concurrent: bool = setting(True, "CPU, one process, 2+ threads: the transformer's forward and backward run in a "
@@ -141,7 +141,7 @@ class Config(PlanConfig):
     # On single-policy data that number mostly encodes the time left in the episode, and the trained denoiser
     # ignored it: rms(eps_c - eps_u) was ~0.01 against rms(eps) 0.25-0.77, and w = 0, 1.1 or 3 gave the same
     # plans to 4 decimals. Decision Diffuser and CleanDiffuser condition on a discounted return (gamma 0.99),
-    # which measures how well the next ~100 steps go; README "The denoiser" has the measured gap with it.
+    # which measures how well the next ~100 steps go; docs/results.md#the-denoiser has the measured gap with it.
     cond_discount: float = setting(0.99, "discount of the return-to-go the denoiser is conditioned on (DD: 0.99)")
     cond_scale: float = setting(0.0, "the denoiser's condition is that discounted return-to-go divided by this; "
                                      "0 = the largest magnitude in the data (resolved once, saved in the config)")
@@ -206,9 +206,9 @@ def _build_env_table() -> dict[str, dict]:
     # The bundled stand-ins: their family's horizon and the CPU preset (models, budget, a target read off the
     # data; the official targets lie above every episode of these files).
     # DEVIATION: k = 1, w = 1.2 on the bundled halfcheetah data (official halfcheetah: k = 5, w = 1.1), chosen by
-    # the k x w sweep on episode seeds 100+ (README, Results): the score fell with k on both files (medium-replay:
-    # 40.0 at k = 1 to 31.0 at k = 40, w = 1) and w moved it less than the episode noise; k = 1, w = 1.2 had the
-    # best mean over the two files.
+    # the k x w sweep on episode seeds 100+ (docs/results.md#refinement-the-k-x-w-sweep): the score fell with k on
+    # both files (medium-replay: 40.0 at k = 1 to 31.0 at k = 40, w = 1) and w moved it less than the episode
+    # noise; k = 1, w = 1.2 had the best mean over the two files.
     for name in ("halfcheetah-medium-sb3", "halfcheetah-medium-replay-sb3"):
         table[name] = dict(horizon=8, refine_steps=1, guidance=1.2, preset="cpu")
     # DEVIATION: k = 1 on the bundled hopper data (official hopper: k = 5), from the k x w sweep on episode
@@ -223,7 +223,7 @@ ENV_TABLE = _build_env_table()
 
 # Presets: one named recipe that sizes the models and the budget, for any dataset (--preset NAME). The dataset's
 # row keeps its planning settings (H, k, w); the preset overrides the rest of the row; explicit flags override both.
-# "cpu": training plus a 10-episode evaluation of halfcheetah-medium-sb3 took under 20 minutes on 2 CPU cores.
+# "cpu": training plus a 10-episode evaluation of halfcheetah-medium-sb3 takes 5.5-6 minutes on 2 CPU cores (README).
 # DEVIATION: lr 5e-4 at batch 64 (official 2e-4 at 32) so that 10k CPU steps suffice; smaller models; one
 # candidate without the critic; the target is read off the data (target_from_data), because the official
 # targets belong to D4RL's files and may lie above everything another file holds.

@@ -132,7 +132,7 @@ class ResidualTemporalBlock(nn.Module):
 
 
 class TemporalUnet(nn.Module):
-    """epsilon_theta(x_t, t, R): x (B,H,S), t (B,) long, returns (B,1), use_cond (B,) -> eps (B,H,S).
+    """f_theta(x_t, t, R): x (B,H,S), t (B,) long, returns (B,1), use_cond (B,) -> v (default) or eps (B,H,S).
 
     use_cond is 1 for conditioned rows and 0 for dropped ones. A dropped row gets a zero return
     embedding (as Decision Diffuser does), so the unconditional model needs no extra parameters.
@@ -172,7 +172,7 @@ class TemporalUnet(nn.Module):
         # stride-2 bottleneck. At the CPU sizes that kept the net from learning eps ~ x_t at high noise:
         # eps-MSE at t = 99 was 0.096 against 0.000 for the trivial predictor sqrt(1 - ab_t) x_t. This block
         # reads the last skip (H, dim channels) before the output head; with it (and v-prediction) the eps-MSE
-        # over t >= 90 is 0.4x the trivial predictor's on the bundled medium-replay data (README, "The denoiser").
+        # over t >= 90 is 0.4x the trivial predictor's on the bundled medium-replay data (docs/results.md#the-denoiser).
         # full_skip=False is the official and DD network (the last skip is stored and never read)
         self.skip_full = block(2 * dim, dim) if full_skip else None
         self.final = nn.Sequential(Conv1dBlock(dim, dim, kernel_size, n_groups), nn.Conv1d(dim, state_dim, 1))
@@ -223,7 +223,7 @@ class GaussianDiffusion(nn.Module):
     DEVIATION: the official code and DD predict eps, and x_0 = (x_t - sqrt(1 - ab_t) eps) / sqrt(ab_t) divides
     the net's error by sqrt(ab_99) ~ 5e-4. With v, x_0 = sqrt(ab_t) x_t - sqrt(1 - ab_t) v has no division, and
     the implied eps is the exact high-noise answer sqrt(1 - ab_t) x_t plus sqrt(ab_t) times the net's term.
-    Measured on the bundled medium-replay data (README, "The denoiser"): eps-MSE over t >= 90 is 0.4x the trivial
+    Measured on the bundled medium-replay data (docs/results.md#the-denoiser): eps-MSE over t >= 90 is 0.4x the trivial
     predictor's with v, 1.8x with eps; sampling from noise without a clamp stays on the data with v (rms 0.95)
     and diverges with eps (rms 69), where the data-range clamp binds on 98.8% of entries at t = 99 (v: 0.04%).
     """

@@ -58,7 +58,7 @@ KITCHEN_TASKS = {
 # weighed as the solid cylinder of radius r and height h = 2l + r:
 #   m = 1000 * pi * r^2 * h,   I_axis = m r^2 / 2,   I_across = m (3 r^2 + h^2) / 12.
 # mujoco-py 2.1.2.14 still loads the MuJoCo 2.1.0 binaries, so it weighs capsules that way.
-# Where the numbers come from: `python scripts/legacy_reference.py table` printed them from mujoco-py's own
+# Where the numbers come from: `python scripts/legacy_d4rl/reference.py table` printed them from mujoco-py's own
 # compiled model (reprs, full precision); the test redoes them independently with MuJoCo 3's compile of the
 # XML with every capsule replaced by that cylinder, and the two agree to the last bit (iquat to 7e-16).
 #   - Hopper, Walker2d: each body holds one geom centred on its inertial frame, so only mass and inertia
@@ -67,12 +67,13 @@ KITCHEN_TASKS = {
 #     differently (torso 6.360 here, 6.250 in MuJoCo 3). Its torso body holds two capsules (torso and head)
 #     whose combined centre of mass and principal axes move with their relative weights, so the torso row
 #     also carries mujoco-py's body_ipos and body_iquat (they differ by 3e-3 m and 1.4e-4).
-# With these rows every numeric field of the compiled models equals mujoco-py's (`scripts/legacy_reference.py
-# compare` lists the ones that differ: none beyond 1e-12 relative).
+# With these rows every numeric field of the compiled models equals mujoco-py's
+# (`scripts/legacy_d4rl/reference.py compare` lists the ones that differ: none beyond 1e-12 relative).
 # DEVIATION (simulator): D4RL's files are evaluated on MuJoCo 3, not on the mujoco-py they were collected with.
-# legacy_dynamics=True (the default for their names) reproduces mujoco-py to round-off (README, Supported
-# datasets); legacy_dynamics=False keeps MuJoCo 3's exact capsule inertias, margins and solver, which D4RL's data
-# never saw, and is right for data collected on MuJoCo 3 (the bundled -sb3 files).
+# legacy_dynamics=True (the default for their names) reproduces mujoco-py to round-off
+# (docs/datasets.md#which-simulator-legacy-dynamics); legacy_dynamics=False keeps MuJoCo 3's exact capsule
+# inertias, margins and solver, which D4RL's data never saw, and is right for data collected on MuJoCo 3 (the
+# bundled -sb3 files).
 # Each row: body: (mass, (Ixx, Iyy, Izz)) or (mass, (Ixx, Iyy, Izz), (ipos x, y, z), (iquat w, x, y, z)).
 LEGACY_BODY_INERTIA = {
     "HalfCheetah-v4": {
@@ -115,7 +116,7 @@ LEGACY_MARGIN_SCALE = 0.5
 # Constraint solver: at the same tolerance (1e-8, the XMLs' default) MuJoCo 3's Newton solver stops at another
 # point than MuJoCo 2.1's, which leaves ~1e-6 differences in the velocities at every step where a joint limit or
 # a contact is active. mujoco-py's results are the converged solution: solved to 1e-15 (or to 0) instead, MuJoCo 3
-# reproduces them to 1e-13 over whole episodes with contacts and limits (scripts/legacy_reference.py compare).
+# reproduces them to 1e-13 over whole episodes with contacts and limits (scripts/legacy_d4rl/reference.py compare).
 # Newton converges in a few iterations, so this costs no measurable time per step.
 LEGACY_SOLVER_TOLERANCE = 1e-15
 

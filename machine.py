@@ -1,6 +1,9 @@
-"""The machine: devices, CPU threads, the precision of matrix products, and files that survive a crash.
+"""The machine: devices, CPU threads, the precision of matrix products, files that survive a crash, and CUDA-graph
+replay and torch.compile for the hot paths.
 
-Nothing here is the algorithm; train.py, plan.py and bench.py call these once at start-up.
+Nothing here is the algorithm; train.py, plan.py, bench.py and diagnose.py call these once at start-up (training
+wraps its step in CudaGraphed with --cuda-graph; bench.py and diagnose.py wrap a planner with use_cuda_graphs and
+use_compile).
 Tests: python -m pytest test_all.py -k "precision or reliability"
 """
 from __future__ import annotations
@@ -97,3 +100,76 @@ def atomic_write(path: pathlib.Path, write) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# CUDA graphs and torch.compile
+# ----------------------------------------------------------------------------------------------------
+def _map(x, fn):
+    """Apply fn to every tensor in x: a tensor, or a dict / tuple / list of them (nested)."""
+    if torch.is_tensor(x):
+        return fn(x)
+    if isinstance(x, dict):
+        return {k: _map(v, fn) for k, v in x.items()}
+    if isinstance(x, (tuple, list)):
+        return type(x)(_map(v, fn) for v in x)
+    return x
+
+
+class CudaGraphed:
+    """fn(*args), captured as one CUDA graph per input shape and replayed: fn(*args) -> tensors.
+
+    A decision or a training step at these model sizes is over a thousand small kernels, so on a GPU it is
+    bound by kernel launches, not arithmetic; replay removes the launches. The captured code is fn itself.
+    The first `warmup` calls per shape run eagerly on a side stream (CUDA's requirement before capture: lazy
+    initialisation, allocator pools) and return real results. Then fn is captured on static copies of the
+    inputs; every call copies its inputs into them, replays, and returns a copy of the outputs. Python-side
+    effects of fn (a counter, an `if` on a tensor's value) happen only while capturing; random draws from
+    torch's CUDA generator do advance on every replay."""
+
+    def __init__(self, fn, warmup: int = 2):
+        self.fn, self.warmup, self.graphs, self.calls = fn, warmup, {}, {}
+        self.side = torch.cuda.Stream()
+
+    def __call__(self, *args):
+        shapes = []
+        _map(args, lambda t: shapes.append(tuple(t.shape)))
+        key = tuple(shapes)
+        self.calls[key] = self.calls.get(key, 0) + 1
+        if self.calls[key] <= self.warmup:
+            self.side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.side):
+                out = self.fn(*args)
+            torch.cuda.current_stream().wait_stream(self.side)
+            return out
+        if key not in self.graphs:
+            static_in = _map(args, torch.clone)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_out = self.fn(*static_in)
+            self.graphs[key] = (graph, static_in, static_out)
+        graph, static_in, static_out = self.graphs[key]
+        flat_in, flat_new = [], []
+        _map(static_in, flat_in.append)
+        _map(args, flat_new.append)
+        for dst, src in zip(flat_in, flat_new):
+            dst.copy_(src, non_blocking=True)
+        graph.replay()
+        return _map(static_out, torch.clone)
+
+
+def use_cuda_graphs(planner):
+    """Replay each fixed-shape decision of a plan.Planner (one per batch size and history length) as a CUDA graph."""
+    if planner.device.type != "cuda":
+        raise UsageError("--cuda-graph needs a CUDA device")
+    planner.decide = CudaGraphed(planner.decide)
+    return planner
+
+
+def use_compile(planner):
+    """torch.compile a plan.Planner's two hot paths (the transformer rollout and the U-Net), so that inductor fuses
+    their many small elementwise kernels; combine with use_cuda_graphs to replay the fused kernels. Only this
+    planner's networks are wrapped: the hand-written code is what inductor compiles."""
+    planner.transformer.rollout = torch.compile(planner.transformer.rollout, dynamic=False)
+    planner.denoiser.model.forward = torch.compile(planner.denoiser.model.forward, dynamic=False)
+    return planner

@@ -36,6 +36,7 @@ import data
 import envs
 import bench
 import config
+import diagnose
 import machine
 import plan
 import sources
@@ -637,6 +638,271 @@ def test_diffusion_x0_clamp_per_dimension():
     assert set(dict(d.named_buffers())) >= {"x_low", "x_high"}  # so they are saved in the state_dict
 
 
+# ------------------------------------------------------------------------------------------ oracles
+# The diffusion arithmetic against float64 closed forms computed here from the betas (never from the module's
+# buffers), for both parameterizations and both schedules, with stand-in nets whose output is known.
+def closed_schedule(schedule, T=100):
+    """(betas, alpha_bar, alpha_bar_prev) as float64 numpy arrays, from the papers' formulas: cosine is Nichol &
+    Dhariwal Eq. 17 with betas clipped at 0.999, linear is 1e-3..2e-2 (the official code). Index t is DDPM's step t+1."""
+    if schedule == "cosine":
+        s = 0.008
+        f = np.cos((np.arange(T + 1) / T + s) / (1 + s) * np.pi / 2) ** 2
+        betas = np.minimum(1 - f[1:] / f[:-1], 0.999)
+    else:
+        betas = 1e-3 + (2e-2 - 1e-3) * np.arange(T) / (T - 1)
+    ab = np.cumprod(1 - betas)
+    return betas, ab, np.concatenate([[1.0], ab[:-1]])
+
+
+class StopDenoising(Exception):
+    """Raised by KnownNet to end a chain once a test has the calls it needs."""
+
+
+class KnownNet(nn.Module):
+    """A stand-in denoiser net with a known output, out = 0.5 x_t + b for a fixed (H, S) pattern b in [-1, 1],
+    whatever the timestep and the condition. Records every call's (t, x_t, returns, use_cond); with stop_after = n
+    it raises StopDenoising after recording call n."""
+
+    def __init__(self, H=8, S=3, stop_after=None):
+        super().__init__()
+        self.p = nn.Parameter(torch.zeros(()))  # GaussianDiffusion reads the device off a parameter
+        self.b, self.stop_after, self.calls = torch.linspace(-1, 1, H * S).reshape(H, S), stop_after, []
+
+    def forward(self, x, t, returns, use_cond):
+        self.calls.append((t.clone(), x.detach().clone(), returns.clone(), use_cond.clone()))
+        if self.stop_after is not None and len(self.calls) >= self.stop_after:
+            raise StopDenoising
+        return 0.5 * x + self.b
+
+
+def oracle_x0_eps(prediction, ab_t, x_t, out, low=None, high=None):
+    """float64 x_0 and eps implied by the net output `out` at x_t (tensors), alpha_bar_t a float; x_0 clamped to
+    [low, high] per dimension when given. eps-prediction: DDPM Eq. 15; v: Salimans & Ho, v = sqrt(ab) eps - sqrt(1-ab) x_0."""
+    X, O = x_t.double(), out.double()
+    a, b = math.sqrt(ab_t), math.sqrt(1 - ab_t)
+    x0, eps = ((X - b * O) / a, O) if prediction == "eps" else (a * X - b * O, a * O + b * X)
+    if low is not None:
+        x0 = torch.maximum(torch.minimum(x0, torch.as_tensor(high, dtype=torch.float64)),
+                           torch.as_tensor(low, dtype=torch.float64))
+    return x0, eps
+
+
+def oracle_posterior(betas, ab, ab_prev, t, x0, x_t):
+    """float64 mean and variance of q(x_{t-1} | x_t, x_0), DDPM Eq. 7."""
+    coef1 = betas[t] * math.sqrt(ab_prev[t]) / (1 - ab[t])
+    coef2 = (1 - ab_prev[t]) * math.sqrt(1 - betas[t]) / (1 - ab[t])
+    return coef1 * x0.double() + coef2 * x_t.double(), betas[t] * (1 - ab_prev[t]) / (1 - ab[t])
+
+
+def assert_close64(got, want, *terms, rel=1e-5, what=""):
+    """|got - want| <= rel * (the largest term that went into want, at least 1): float32 rounding, not a slip."""
+    scale = max([1.0] + [float(torch.as_tensor(x).double().abs().max()) for x in terms])
+    err = float((got.double() - want).abs().max())
+    assert err <= rel * scale, f"{what}: max |diff| {err:.3e} against a tolerance of {rel * scale:.3e}"
+
+
+ORACLE_LOW, ORACLE_HIGH = [-1.5, -0.5, -2.5], [1.0, 2.0, 0.5]  # a data range per dimension, for the clamp
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_diffusion_oracle_x0_eps_posterior_and_last_step(prediction, schedule):
+    """Catches: a sign or coefficient slip in the eps or v arithmetic (predict_x0, eps_from_output), in the
+    posterior's coefficients or variance (q_posterior), in one reverse step's mean (p_sample) or in the training
+    target (loss: eps, or v); the clamp binding on one side only; and the last reverse step (t = 0) adding noise.
+    Each is compared with a float64 closed form computed here from the betas, at t = 0, 1, T/2 and T - 1, with and
+    without the x_0 clamp."""
+    T, H, S, B = 100, 8, 3, 4
+    betas, ab, ab_prev = closed_schedule(schedule, T)
+    bound = {"low": False, "high": False}
+    for clip in (False, True):
+        d = GaussianDiffusion(KnownNet(H, S), H, S, n_timesteps=T, schedule=schedule, prediction=prediction,
+                              clip_denoised=clip, x_low=ORACLE_LOW, x_high=ORACLE_HIGH)
+        x_t = torch.randn(B, H, S, generator=torch.Generator().manual_seed(0))
+        returns, cond_state = torch.zeros(B, 1), x_t[:, 0].clone()
+        for ti in (0, 1, T // 2, T - 1):
+            t = torch.full((B,), ti)
+            out = 0.5 * x_t + d.model.b
+            x0, eps = oracle_x0_eps(prediction, ab[ti], x_t, out, *((ORACLE_LOW, ORACLE_HIGH) if clip else ()))
+            # the largest intermediate: eps divides by sqrt(ab), up to 2000x at T - 1; v's terms are O(1)
+            terms = (x_t / math.sqrt(ab[ti]), out / math.sqrt(ab[ti])) if prediction == "eps" else (x_t, out)
+            assert_close64(d.predict_x0(x_t, t, out), x0, *terms, what=f"predict_x0 t={ti} clip={clip}")
+            assert_close64(d.eps_from_output(x_t, t, out), eps, x_t, out, what=f"eps_from_output t={ti}")
+            if clip:
+                bound["low"] |= bool((x0 == torch.tensor(ORACLE_LOW, dtype=torch.float64)).any())
+                bound["high"] |= bool((x0 == torch.tensor(ORACLE_HIGH, dtype=torch.float64)).any())
+            mean, var = oracle_posterior(betas, ab, ab_prev, ti, x0.float(), x_t)
+            got_mean, got_var, got_log = d.q_posterior(x0.float(), x_t, t)
+            assert_close64(got_mean, mean, x0, x_t, what=f"posterior mean t={ti}")
+            assert abs(float(got_var.flatten()[0]) - var) <= 1e-6 * var, (ti, float(got_var.flatten()[0]), var)  # fp32
+            if ti > 0:  # the log-variance p_sample uses; at t = 0 it is clipped to t = 1's (and never used)
+                assert abs(float(got_log.flatten()[0]) - math.log(var)) < 1e-5, ti
+            # one reverse step: at temperature 0 it is the posterior mean of the x_0 the net implies, whatever t
+            step = d.p_sample(x_t.clone(), t, returns, 1.0, cond_state, temperature=0.0)
+            assert torch.equal(step[:, 0], cond_state)
+            assert_close64(step[:, 1:], mean[:, 1:], x0, x_t, what=f"p_sample mean t={ti}")
+            if ti == 0:  # the last step returns the posterior mean, x_0 itself, with no noise at any temperature
+                assert_close64(mean, x0, x0, what="the posterior mean at t = 0 is x_0")
+                steps = []
+                for seed in (1, 2):
+                    torch.manual_seed(seed)
+                    steps.append(d.p_sample(x_t.clone(), t, returns, 1.0, cond_state, temperature=1.0))
+                assert torch.equal(steps[0], steps[1]), "the last reverse step (t = 0) added noise"
+                assert_close64(steps[0][:, 1:], x0[:, 1:], x0, what="the last reverse step returns x_0")
+            if not clip:  # the training target: eps, or v = sqrt(ab) eps - sqrt(1 - ab) x_0; the first state inpainted
+                x0_data, noise = x_t.flip(0), torch.randn(B, H, S, generator=torch.Generator().manual_seed(ti))
+                a, s = math.sqrt(ab[ti]), math.sqrt(1 - ab[ti])
+                xt = a * x0_data.double() + s * noise.double()
+                xt[:, 0] = x0_data[:, 0].double()
+                target = noise.double() if prediction == "eps" else a * noise.double() - s * x0_data.double()
+                want = float(((0.5 * xt + d.model.b.double() - target)[:, 1:] ** 2).mean())
+                got = float(d.loss(x0_data, returns, (t, noise, torch.ones(B))))
+                assert abs(got - want) <= 1e-5 * want, (f"loss target t={ti}", got, want)
+    assert bound["low"] and bound["high"], f"the clamp's two sides were not both exercised: {bound}"
+
+
+def test_diffusion_step_noise_has_the_posterior_variance():
+    """Catches: a reverse step's noise with the wrong variance (the variance used as a standard deviation, beta_t
+    for beta~_t, the clipped log-variance of another step) or without the temperature. For both schedules and
+    both parameterizations, at t = 1, T/2 and T - 1 and alpha in {1, 0.5}: the step's mean is known (KnownNet and
+    the closed forms), and the residuals of n = N (H - 1) S = 42,000 independent draws (N = 2000 rows, positions
+    1..H-1) must have mean-square alpha^2 beta~_t. With the mean known, the mean square of n draws of N(0, v) has
+    mean v and standard deviation v sqrt(2 / n) (chi-square with n degrees of freedom, normal at this n): the test
+    allows 6 of them (|ratio - 1| < 0.042; a false failure about once in 5e8 runs), and 6 standard errors
+    sqrt(v / n) for the residuals' mean."""
+    T, H, S, N = 100, 8, 3, 2000
+    n = N * (H - 1) * S
+    worst = 0.0
+    for schedule in ("cosine", "linear"):
+        betas, ab, ab_prev = closed_schedule(schedule, T)
+        for prediction in ("eps", "v"):
+            d = GaussianDiffusion(KnownNet(H, S), H, S, n_timesteps=T, schedule=schedule, prediction=prediction,
+                                  clip_denoised=False)
+            x_t = torch.randn(1, H, S, generator=torch.Generator().manual_seed(1)).expand(N, H, S).contiguous()
+            for ti in (1, T // 2, T - 1):
+                x0, _ = oracle_x0_eps(prediction, ab[ti], x_t, 0.5 * x_t + d.model.b)
+                mean, var = oracle_posterior(betas, ab, ab_prev, ti, x0, x_t)
+                for alpha in (1.0, 0.5):
+                    torch.manual_seed(10 + ti)
+                    y = d.p_sample(x_t.clone(), torch.full((N,), ti), torch.zeros(N, 1), 1.0, x_t[:, 0], alpha)
+                    r = (y.double() - mean)[:, 1:]
+                    v = alpha ** 2 * var
+                    ratio = float(r.pow(2).mean()) / v
+                    worst = max(worst, abs(ratio - 1))
+                    assert abs(ratio - 1) < 6 * math.sqrt(2 / n), (schedule, prediction, ti, alpha, ratio)
+                    assert abs(float(r.mean())) < 6 * math.sqrt(v / n), (schedule, prediction, ti, alpha)
+    print(f"reverse-step noise: worst |mean square / (alpha^2 beta~_t) - 1| = {worst:.4f} "
+          f"(allowed {6 * math.sqrt(2 / n):.4f})")
+
+
+def refine_first_call(d, x_init, k, temperature=1.0, add_noise=True):
+    """(t, x_t) of refine's first call to the net, which then stops the chain (d.model is a KnownNet)."""
+    d.model.calls.clear()
+    d.model.stop_after = 1
+    with pytest.raises(StopDenoising):
+        d.refine(x_init, k, torch.zeros(x_init.shape[0], 1), w=1.0, add_noise=add_noise, temperature=temperature)
+    t, x, _, _ = d.model.calls[0]
+    B = x_init.shape[0]  # guidance may batch the conditional and unconditional passes: 2B rows of x
+    return t[:B], x[:B]
+
+
+def test_diffusion_refine_noises_the_plan_to_exactly_level_k():
+    """Catches: refine noising the plan to another level than k (q_sample at timestep k - 2 or k instead of k - 1,
+    while k steps denoise it), its first denoising step at another timestep than k - 1, the temperature missing
+    from (or doubled in) the initial draw, and add_noise=False noising anyway. For every k in 1..T, both schedules
+    and alpha in {1, 0.5}, a stand-in net records refine's first call (t and x_t) and stops the chain. Over
+    N = 1024 copies of one plan x_0 (entries of magnitude 50..150), x_k must be a draw of
+    q(x_k | x_0) = N(sqrt(ab_{k-1}) x_0, v), v = alpha^2 (1 - ab_{k-1}): the slope of the per-entry means on x_0
+    within 6 standard errors sqrt(v / (N sum x_0^2)) (+2e-7 for float32 rounding) of sqrt(ab_{k-1}), and the pooled
+    variance about those means within 6 standard deviations sqrt(2 / dof) of v. Levels k - 1 and k + 1 are asserted
+    to lie more than 2 tolerances away, so a level off by one cannot pass."""
+    T, H, S, N = 100, 8, 3, 1024
+    g = torch.Generator().manual_seed(0)
+    plan0 = (50 + 100 * torch.rand(1, H, S, generator=g)) * torch.randn(1, H, S, generator=g).sign()
+    x_init = plan0.expand(N, H, S).contiguous()
+    E = (H - 1) * S
+    x0 = plan0[0, 1:].double()  # (H-1, S): the entries that are noised
+    sum_sq, dof = float(x0.pow(2).sum()), N * E - E
+    worst_sep = math.inf
+    for schedule in ("cosine", "linear"):
+        _, ab, _ = closed_schedule(schedule, T)
+        a_level = np.concatenate([[1.0], np.sqrt(ab)])  # level 0..T: sqrt(alpha_bar) of x_k's mean
+        d = GaussianDiffusion(KnownNet(H, S), H, S, n_timesteps=T, schedule=schedule)
+        for alpha in (1.0, 0.5):
+            v_level = alpha ** 2 * np.concatenate([[0.0], 1 - ab])
+            for k in range(1, T + 1):
+                torch.manual_seed(k)
+                t, x = refine_first_call(d, x_init, k, alpha)
+                assert (t == k - 1).all(), f"k={k}: the first denoising step ran at t={t[0].item()}, not k - 1"
+                assert torch.equal(x[:, 0], x_init[:, 0]), "the current state was noised"
+                xe = x[:, 1:].double()  # (N, H-1, S)
+                m = xe.mean(0)
+                a_hat = float((m * x0).sum()) / sum_sq
+                v_hat = float((xe - m).pow(2).sum()) / dof
+                tol_a = 6 * math.sqrt(v_level[k] / (N * sum_sq)) + 2e-7
+                tol_v = 6 * math.sqrt(2 / dof)
+                assert abs(a_hat - a_level[k]) < tol_a, (schedule, alpha, k, a_hat, a_level[k], "mean: wrong level")
+                assert abs(v_hat / v_level[k] - 1) < tol_v, (schedule, alpha, k, v_hat, v_level[k], "variance: wrong level")
+                for j in (k - 1, k + 1):  # the check can fail: a neighbouring level is rejected by the same bounds
+                    if j <= T:
+                        sep = max(abs(a_level[j] - a_level[k]) / tol_a, abs(v_level[j] / v_level[k] - 1) / tol_v)
+                        worst_sep = min(worst_sep, sep)
+        for k in (1, T // 2, T):  # the official variant: the plan is taken as x_k itself, no noise
+            t, x = refine_first_call(d, x_init, k, add_noise=False)
+            assert (t == k - 1).all() and torch.equal(x, x_init), f"add_noise=False changed the plan (k={k})"
+            _, x = refine_first_call(d, x_init, k, temperature=0.0)  # alpha = 0: x_k = sqrt(ab) x_0 exactly
+            assert_close64(x[:, 1:], math.sqrt(ab[k - 1]) * x_init[:, 1:].double(), x_init, rel=1e-6,
+                           what=f"refine's x_k at alpha = 0, k={k}")
+    print(f"refine level: the nearest neighbouring level lies {worst_sep:.1f} tolerances away")
+    assert worst_sep > 2
+
+
+def test_diffusion_temperature_scales_exactly_the_noise():
+    """Catches: the temperature alpha left out of, or applied twice to, the draws of sample(): its x_T must be
+    alpha z (std alpha, mean 0: the bounds of the variance test, 6 standard deviations of the chi-square), and
+    with alpha = 0 both sample() and refine() are deterministic, each the chain of posterior means computed here in
+    float64 (sample from x_T = 0, refine from x_k = sqrt(ab_k) x_0), for both parameterizations and schedules.
+    Refine's initial draw and each step's noise are scaled by alpha in the two tests above."""
+    T, H, S, N = 100, 8, 3, 2000
+    n = N * (H - 1) * S
+    d = GaussianDiffusion(KnownNet(H, S), H, S, n_timesteps=T)
+    cond_state = torch.randn(N, S, generator=torch.Generator().manual_seed(0))
+    for alpha in (1.0, 0.5, 0.2):
+        d.model.calls.clear()
+        d.model.stop_after = 1
+        torch.manual_seed(1)
+        with pytest.raises(StopDenoising):
+            d.sample(cond_state, torch.zeros(N, 1), w=1.0, temperature=alpha)
+        t, x, _, _ = d.model.calls[0]
+        t, x = t[:N], x[:N]  # guidance may batch the conditional and unconditional passes: 2N rows
+        assert (t == T - 1).all() and torch.equal(x[:, 0], cond_state)
+        z = x[:, 1:].double() / alpha
+        assert abs(float(z.pow(2).mean()) - 1) < 6 * math.sqrt(2 / n), (alpha, float(z.std()), "x_T is not alpha z")
+        assert abs(float(z.mean())) < 6 / math.sqrt(n)
+    # alpha = 0: no draw is left, and the result is the chain of posterior means
+    B = 3
+    x_init = torch.randn(B, H, S, generator=torch.Generator().manual_seed(2))
+    for schedule in ("cosine", "linear"):
+        betas, ab, ab_prev = closed_schedule(schedule, T)
+        for prediction in ("eps", "v"):
+            d = GaussianDiffusion(KnownNet(H, S), H, S, n_timesteps=T, schedule=schedule, prediction=prediction)
+            low, high = d.x_low.tolist(), d.x_high.tolist()  # the default clamp, +-10
+            for k in (T, 7):
+                x = torch.zeros(B, H, S, dtype=torch.float64) if k == T else math.sqrt(ab[k - 1]) * x_init.double()
+                x[:, 0] = x_init[:, 0].double()
+                for ti in range(k - 1, -1, -1):
+                    x0, _ = oracle_x0_eps(prediction, ab[ti], x, 0.5 * x + d.model.b.double(), low, high)
+                    x, _ = oracle_posterior(betas, ab, ab_prev, ti, x0, x)
+                    x[:, 0] = x_init[:, 0].double()
+                got = []
+                for seed in (3, 4):
+                    torch.manual_seed(seed)
+                    got.append(d.sample(x_init[:, 0], torch.zeros(B, 1), w=1.0, temperature=0.0) if k == T else
+                               d.refine(x_init, k, torch.zeros(B, 1), w=1.0, temperature=0.0))
+                assert torch.equal(got[0], got[1]), f"alpha = 0 is not deterministic ({schedule}, {prediction}, k={k})"
+                assert_close64(got[0], x, x, rel=1e-4, what=f"alpha = 0 chain ({schedule}, {prediction}, k={k})")
+
+
 # ====================================================================================================
 # data
 # ====================================================================================================
@@ -940,6 +1206,42 @@ def test_data_normalizer_roundtrip_and_constant_dim():
     m = data.Normalizer.from_state_dict(n.state_dict())
     assert torch.equal(m.mean, n.mean) and torch.equal(m.std, n.std)
     assert all(torch.is_tensor(v) for v in n.state_dict().values())
+
+
+def test_data_normalizer_range_both_bounds_per_dimension():
+    """Catches: the x_0 clamp's range wrong on either side: Normalizer.fit's low or high other than each dimension's
+    data minimum or maximum in normalized units (min and max swapped or shared, a bound not divided by the std), or
+    config.model_args handing the denoiser low and high swapped; and normalize/unnormalize not round-tripping.
+    Data with a known minimum and maximum per dimension, each at its own row; the denoiser built along plan.py's
+    path (model_args -> build_networks) clamps a huge positive x_0 to every dimension's high and a huge negative
+    one to its low. Both normalizers: ours (std floored) and the official one (std + 1e-5)."""
+    rng = np.random.default_rng(3)
+    lo, hi = np.array([-3.0, 0.5, -10.0, 2.0]), np.array([5.0, 0.75, -4.0, 9.0])
+    S = len(lo)
+    x = lo + (hi - lo) * rng.uniform(0.05, 0.95, size=(300, S))  # strictly inside the range ...
+    for i in range(S):  # ... but for one row per dimension and bound, each its own row
+        x[10 + i, i], x[200 + i, i] = lo[i], hi[i]
+    for eps in (0.0, 1e-5):
+        n = data.Normalizer.fit(x, eps)
+        mean, std = x.mean(0), x.std(0) + eps  # every std here lies above the floor
+        np.testing.assert_allclose(n.mean.numpy(), mean, rtol=1e-6)
+        np.testing.assert_allclose(n.std.numpy(), std, rtol=1e-6)
+        np.testing.assert_allclose(n.low.numpy(), (lo - mean) / std, rtol=1e-6, atol=1e-6, err_msg="low bound")
+        np.testing.assert_allclose(n.high.numpy(), (hi - mean) / std, rtol=1e-6, atol=1e-6, err_msg="high bound")
+        z = n.normalize(x)
+        np.testing.assert_allclose(z.min(0), n.low.numpy(), atol=1e-5)  # the bounds are attained, per dimension
+        np.testing.assert_allclose(z.max(0), n.high.numpy(), atol=1e-5)
+        np.testing.assert_allclose(n.unnormalize(z), x, rtol=1e-6, atol=1e-6)  # the round trip, numpy
+        zt = n.normalize(torch.as_tensor(x, dtype=torch.float32))
+        assert torch.allclose(n.unnormalize(zt).double(), torch.as_tensor(x), rtol=1e-5, atol=1e-5)  # torch
+        assert torch.allclose(zt.double(), torch.as_tensor(z), atol=1e-5)
+    cfg = config.Config(horizon=4, context=3, unet_dim=8, unet_mults="1,2", tf_half_dim=8, tf_layers=1, tf_heads=2,
+                        tf_ffn=16, invdyn_hidden=16, use_critic=False)
+    den = config.build_networks(config.model_args(cfg, S, 2, n))["ema"]
+    t = torch.full((2,), 50)
+    big = torch.tensor([-1e4, 1e4])[:, None, None].expand(2, 4, S)  # v-prediction: x_0 = sqrt(ab) x_t - sqrt(1-ab) v
+    x0 = den.predict_x0(torch.zeros(2, 4, S), t, big)
+    assert torch.equal(x0[0], n.high.expand(4, S)) and torch.equal(x0[1], n.low.expand(4, S)), (x0[:, 0], n.low, n.high)
 
 
 def test_data_reference_scores_equal_d4rl_infos():
@@ -1247,7 +1549,7 @@ def test_envs_legacy_dynamics(name, heavier):
 
 # What D4RL's own environments return: gym.make(NAME) with d4rl 1.1 (TimeLimit > NormalizedBoxEnv > gym's
 # mujoco-py env) on gym 0.23.1 + mujoco-py 2.1.2.14 + the MuJoCo 2.1.0 binaries (numpy 2.4.6, Python 3.11),
-# the stack scripts/legacy_d4rl_setup.sh builds. Printed verbatim by `python scripts/legacy_reference.py steps`:
+# the stack scripts/legacy_d4rl/setup.sh builds. Printed verbatim by `python scripts/legacy_d4rl/reference.py steps`:
 # from the state (qpos, qvel), the observation after the last action and every step's reward. The "free" cases
 # never touch the floor or a joint limit and hold actions outside [-1, 1] (D4RL clips them); the "limit" cases
 # push joints past their range in the air; the "contact" cases land on the floor. The comment on each case
@@ -1556,6 +1858,41 @@ def test_precision_default_gradients_match_float64(tmp_path):
     finally:
         machine.set_matmul_precision(cpu, onednn=False)
 
+
+def test_precision_flags_read_back_as_promised(monkeypatch):
+    """Catches: machine.set_matmul_precision leaving out a flag it promises, or setting the opposite one. CUDA:
+    strict turns TF32 off for matmuls and cuDNN convolutions ("ieee"), --reduced-precision on for both ("tf32").
+    CPU: strict sends fp32 products to oneDNN ("bf16" allowed inside its fp32 path) only where the probe measures
+    fp32 accuracy, else MKL ("ieee"); onednn=False is MKL; reduced allows bf16. torch.backends' flags are plain
+    settings, read back here on a machine without CUDA. Each call starts from the opposite of its promise."""
+    be, cpu, cuda = torch.backends, torch.device("cpu"), torch.device("cuda")
+    saved = (be.cuda.matmul.fp32_precision, be.cudnn.conv.fp32_precision, be.mkldnn.matmul.fp32_precision)
+    flags = lambda: (be.cuda.matmul.fp32_precision, be.cudnn.conv.fp32_precision)  # noqa: E731
+    try:
+        for reduced, want in ((False, "ieee"), (True, "tf32")):
+            be.cuda.matmul.fp32_precision = be.cudnn.conv.fp32_precision = "tf32" if want == "ieee" else "ieee"
+            be.mkldnn.matmul.fp32_precision = "none"
+            desc = machine.set_matmul_precision(cuda, reduced=reduced)
+            assert flags() == (want, want), (reduced, flags(), desc)
+            assert be.mkldnn.matmul.fp32_precision == "none"  # the CPU's path is not the CUDA call's business
+        for err, want in ((2e-7, "bf16"), (2.3e-3, "ieee")):  # what an AMD EPYC and an AMX Xeon measured
+            monkeypatch.setattr(machine, "matmul_probe_error", lambda: err)
+            be.mkldnn.matmul.fp32_precision = "ieee" if want == "bf16" else "bf16"
+            desc = machine.set_matmul_precision(cpu)
+            assert be.mkldnn.matmul.fp32_precision == want and desc.startswith("fp32"), (err, desc)
+            be.mkldnn.matmul.fp32_precision = "bf16"
+            assert machine.set_matmul_precision(cpu, onednn=False) == "fp32 (MKL)"
+            assert be.mkldnn.matmul.fp32_precision == "ieee"
+            be.mkldnn.matmul.fp32_precision = "ieee"
+            assert machine.set_matmul_precision(cpu, reduced=True).startswith("bf16")
+            assert be.mkldnn.matmul.fp32_precision == "bf16"
+            be.cuda.matmul.fp32_precision = be.cudnn.conv.fp32_precision = "tf32"
+            machine.set_matmul_precision(cpu)
+            assert flags() == ("tf32", "tf32")  # the CPU call leaves CUDA's flags alone
+    finally:
+        be.cuda.matmul.fp32_precision, be.cudnn.conv.fp32_precision = saved[:2]
+        be.mkldnn.matmul.fp32_precision = saved[2]
+
 def test_cli_keep_at_keeps_planning_copies(tmp_path):
     """--keep-at keeps a planning-only copy at each asked-for step (later saves do not overwrite it), each
     loads in plan.py and acts, and a bad list is refused with a one-line error before anything is written."""
@@ -1716,6 +2053,410 @@ def test_cli_method_official_trains_and_plans(tmp_path):
     assert math.isfinite(r["return_mean"]), p.stdout[-500:]
 
 
+# ------------------------------------------------------------------------------------------ every method builds what it says
+# For ours and --method official: the networks, data and planner each method builds, probed for behaviour (not for
+# fields). docs/deviations.md's table drives it: every setting in its first column has a probe in METHOD_PROBES,
+# which must observe the configured value under both methods, and different values under the two.
+METHOD_TINY = {"horizon": 4, "batch_size": 8, "tf_half_dim": 8, "tf_layers": 1, "tf_heads": 2, "tf_ffn": 16,
+               "unet_dim": 8, "unet_mults": "1,2", "invdyn_hidden": 16, "critic_hidden": 16}
+METHOD_CONST_DIM = 5  # a constant state dimension in the probes' file
+
+
+@pytest.fixture(scope="module")
+def method_builds(tmp_path_factory):
+    """For --method ours and official on the bundled halfcheetah name (its row: the CPU preset): the config that
+    config.resolve_config gives, one training step of train.train in-process on a small file (the loaded data,
+    the first sampled window and the denoiser's and inverse dynamics' loss calls recorded), and its checkpoint,
+    from which method_planner rebuilds the planner along plan.py's path (model_args -> build_networks). The file:
+    3 episodes of 60 steps ending on timeouts, then 10 steps the data end inside; dimension 5 constant;
+    next_observations drawn as 3 + 2 z, unlike the observations; rewards in [0.5, 1.5]. Ours also trains once with the critic on
+    (critic_ckpt), so that the critic's learning rate can be read."""
+    tmp = tmp_path_factory.mktemp("methods")
+    n, ep = 190, 60
+    rng = np.random.default_rng(7)
+    obs = rng.normal(size=(n, 17)).astype(np.float32)
+    obs[:, METHOD_CONST_DIM] = 2.0
+    timeouts = np.zeros(n, bool)
+    timeouts[ep - 1:3 * ep:ep] = True
+    f = tmp / "methods.hdf5"
+    arrays = write_d4rl(f, n=n, obs_dim=17, act_dim=6, timeouts=timeouts, seed=7, observations=obs,
+                        next_observations=(3 + 2 * rng.normal(size=(n, 17))).astype(np.float32),
+                        rewards=rng.uniform(0.5, 1.5, n).astype(np.float32))  # positive: so is the target
+    builds = {}
+    for method in ("ours", "official"):
+        given = {"env": "halfcheetah-medium-sb3", "method": method, **METHOD_TINY}
+        rec = {"load": [], "batch": [], "diffusion": [], "invdyn": []}
+        with pytest.MonkeyPatch.context() as mp:
+            def record(owner, attr, name):
+                orig = getattr(owner, attr)
+
+                def wrapper(*args, **kwargs):
+                    out = orig(*args, **kwargs)
+                    rec[name].append(out if name in ("load", "batch") else (args[1:], kwargs))
+                    return out
+                mp.setattr(owner, attr, wrapper)
+
+            record(data, "load", "load")
+            record(data.WindowSampler, "sample", "batch")
+            record(GaussianDiffusion, "loss", "diffusion")
+            record(InverseDynamics, "loss", "invdyn")
+
+            def run(name, **extra):
+                return train.train({**given, "dataset": str(f), "out": str(tmp / name), "steps": 1,
+                                    "lr_decay_steps": 2, "eval_episodes": 0, "threads": 1, "device": "cpu",
+                                    "legacy_dynamics": False, **extra})
+            out = run(method)
+            critic_out = run(method + "-critic", use_critic=True) if method == "ours" else out
+        builds[method] = dict(cfg=config.resolve_config(given), file=arrays, ckpt=out / "checkpoint.pt",
+                              critic_ckpt=critic_out / "checkpoint.pt", **{k: v[0] for k, v in rec.items()})
+    machine.set_matmul_precision(torch.device("cpu"), onednn=False)
+    return builds
+
+
+def method_planner(m, kind="td"):
+    """The planner plan.py builds from the method's checkpoint; torch's generator seeded, so a probe's draws are fixed."""
+    torch.manual_seed(0)
+    return plan.Planner.from_checkpoint(m["ckpt"], device="cpu", planner=kind)
+
+
+def record_decision(planner, obs, reward=None, stop_first=False):
+    """planner.act(obs, reward), recording the transformer's rollouts, the arguments of refine or sample, every call
+    of the denoiser's net (its inputs and output), each guided output with its w, and the critic's calls.
+    stop_first: end the decision at the net's first call."""
+    rec = dict(rollouts=[], refine=[], sample=[], net=[], guided=[], critic=0)
+    tf, den = planner.transformer, planner.denoiser
+
+    def spy(obj, name, log):
+        orig = getattr(obj, name)
+
+        def wrapper(*args, **kwargs):
+            out = orig(*args, **kwargs)
+            log.append((args, kwargs, out))
+            return out
+        setattr(obj, name, wrapper)  # an instance attribute hides the method until it is deleted
+
+    spy(tf, "rollout", rec["rollouts"])
+    spy(den, "guided_output", rec["guided"])
+    for name in ("refine", "sample"):
+        orig = getattr(den, name)
+        setattr(den, name, lambda *a, _orig=orig, _name=name, **k: (rec[_name].append((a, k)), _orig(*a, **k))[1])
+
+    def pre(mod, args):
+        rec["net"].append([a.clone() for a in args])
+        if stop_first:
+            raise StopDenoising
+
+    hooks = [den.model.register_forward_pre_hook(pre),
+             den.model.register_forward_hook(lambda mod, args, out: rec["net"][-1].append(out.clone()))]
+    if planner.critic is not None:
+        hooks.append(planner.critic.register_forward_hook(lambda *a: rec.__setitem__("critic", rec["critic"] + 1)))
+    try:
+        planner.act(obs, reward)
+    except StopDenoising:
+        pass
+    finally:
+        for h in hooks:
+            h.remove()
+        for obj, name in ((tf, "rollout"), (den, "guided_output"), (den, "refine"), (den, "sample")):
+            del obj.__dict__[name]
+    return rec
+
+
+def discounted_rtg(rewards, starts, lengths, gamma):
+    """sum_k gamma^k r_{t+k} within each episode, computed here (float64)."""
+    out = np.zeros(len(rewards))
+    for s, l in zip(starts, lengths):
+        acc = 0.0
+        for t in range(s + l - 1, s - 1, -1):
+            acc = float(rewards[t]) + gamma * acc
+            out[t] = acc
+    return out
+
+
+def probe_causal(m):
+    """Whether the transformer's outputs before position j ignore token j (causal) or change with it."""
+    tf = method_planner(m).transformer
+    s, r = _batch(0, B=2, L=6, S=17)
+    s2 = s.clone()
+    s2[:, 4] += 1.0
+    with torch.no_grad():
+        a, b = tf(s, r)[0], tf(s2, r)[0]
+    assert (a[:, 4:] - b[:, 4:]).abs().max() > 1e-4  # the change reaches the output: the probe can see
+    return bool((a[:, :4] - b[:, :4]).abs().max() < 1e-6)
+
+
+def probe_schedule(m):
+    """The schedule whose closed-form alpha_bar at T/2 and T - 1 matches what q_sample does: the mean of x_t over
+    N x H x S = 278,528 draws from x_0 = 10 estimates 10 sqrt(alpha_bar) to a standard error of 2e-3."""
+    den = method_planner(m).denoiser
+    T, N = den.n_timesteps, 4096
+    x0 = torch.full((N, den.horizon, den.state_dim), 10.0)
+    torch.manual_seed(0)
+    est = {ti: float(den.q_sample(x0, torch.full((N,), ti)).double().mean()) / 10 for ti in (T // 2, T - 1)}
+    for name in ("cosine", "linear"):
+        _, ab, _ = closed_schedule(name, T)
+        if all(abs(v - math.sqrt(ab[ti])) < 1e-3 for ti, v in est.items()):
+            return name
+    return f"neither (sqrt alpha_bar {est})"
+
+
+def probe_prediction(m):
+    """Which arithmetic turns a stand-in network output into x_0 and eps: eps-prediction's or v's (x_0 compared
+    where the data-range clamp does not bind)."""
+    den = method_planner(m).denoiser
+    T, H, S = den.n_timesteps, den.horizon, den.state_dim
+    _, ab, _ = closed_schedule(m["cfg"].schedule, T)
+    g = torch.Generator().manual_seed(0)
+    x_t, out = 0.3 * torch.randn(4, H, S, generator=g), 0.3 * torch.randn(4, H, S, generator=g)
+    t = torch.full((4,), T // 2)
+    x0, eps = den.predict_x0(x_t, t, out).double(), den.eps_from_output(x_t, t, out).double()
+    for name in ("eps", "v"):
+        want_x0, want_eps = oracle_x0_eps(name, ab[T // 2], x_t, out)
+        inside = (want_x0 > den.x_low + 1e-3) & (want_x0 < den.x_high - 1e-3)
+        if (inside.float().mean() > 0.5 and (x0 - want_x0)[inside].abs().max() < 1e-5
+                and (eps - want_eps).abs().max() < 1e-5):
+            return name
+    return "neither"
+
+
+def probe_x0_clamp(m):
+    """Whether a huge out-of-range network output gives an x_0 clamped to the data's range (True) or not."""
+    den = method_planner(m).denoiser
+    H, S = den.horizon, den.state_dim
+    x0 = den.predict_x0(torch.zeros(1, H, S), torch.tensor([den.n_timesteps // 2]), torch.full((1, H, S), 1e4))
+    if torch.equal(x0[0], den.x_low.expand(H, S)):  # both arithmetics give x_0 ~ -1e4 here
+        return True
+    return False if bool((x0 < -100).all()) else "partly clamped"
+
+
+def probe_unet_full_skip(m):
+    """Whether the U-Net's output depends on its input with the first downsampling fed zeros, i.e. through the
+    full-resolution skip alone (test_diffusion_unet_reads_full_resolution_skip's probe)."""
+    import copy
+    den = method_planner(m).denoiser
+    net = copy.deepcopy(den.model)
+    net.downs[0][2].register_forward_pre_hook(lambda mod, args: (torch.zeros_like(args[0]),))
+    g = torch.Generator().manual_seed(0)
+    x1, x2 = (torch.randn(2, den.horizon, den.state_dim, generator=g) for _ in range(2))
+    t, r, c = torch.tensor([5, 50]), torch.randn(2, 1, generator=g), torch.ones(2)
+    with torch.no_grad():
+        return bool((net(x1, t, r, c) - net(x2, t, r, c)).abs().max() > 1e-6)
+
+
+def probe_unet_time_mult(m):
+    """The time-embedding MLP's hidden width in units of its input's, measured on what flows through it."""
+    den = method_planner(m).denoiser
+    widths = []
+    hooks = [c.register_forward_hook(lambda mod, a, out: widths.append(out.shape[-1])) for c in den.model.time_mlp]
+    with torch.no_grad():
+        den.model(torch.zeros(1, den.horizon, den.state_dim), torch.tensor([3]), torch.zeros(1, 1), torch.ones(1))
+    for h in hooks:
+        h.remove()
+    return max(widths) // widths[0]
+
+
+def probe_refine_noise(m):
+    """Whether the td planner's denoiser first sees a noised plan (True) or the transformer's plan itself."""
+    planner = method_planner(m)
+    obs = m["file"]["observations"][:2]
+    rec = record_decision(planner, obs, stop_first=True)
+    s_now = planner.normalizer.normalize(torch.as_tensor(obs))
+    plan_x = torch.cat([s_now[:, None], rec["rollouts"][0][2][0]], dim=1).repeat_interleave(planner.N, 0)
+    return not torch.equal(rec["net"][0][0][: plan_x.shape[0]], plan_x)
+
+
+def probe_refine_steps(m):
+    """The number of denoising steps (net calls; guidance batches both passes into one) in one td decision."""
+    return len(record_decision(method_planner(m), m["file"]["observations"][:2])["net"])
+
+
+def probe_guidance(m):
+    """The w of the guided output out_u + w (out_c - out_u) formed from the net's two passes (1 without them)."""
+    rec = record_decision(method_planner(m), m["file"]["observations"][:2])
+    (x, *_), _, g = rec["guided"][0]
+    out = rec["net"][0][-1]
+    if out.shape[0] == x.shape[0]:
+        return 1.0
+    out_c, out_u = out.chunk(2)
+    return round(float(((g - out_u) * (out_c - out_u)).sum() / (out_c - out_u).pow(2).sum()), 4)
+
+
+def probe_n_candidates(m):
+    """Plans per environment that the td planner refines."""
+    (x, *_), _ = record_decision(method_planner(m), m["file"]["observations"][:2])["refine"][0]
+    return x.shape[0] // 2
+
+
+def probe_use_critic(m):
+    """Whether a decision calls a critic."""
+    return record_decision(method_planner(m), m["file"]["observations"][:2])["critic"] > 0
+
+
+def probe_cond_target(m):
+    """The planner's denoiser condition over two steps with a reward in between: 0 when it is the current,
+    decremented return-to-go (planner.R), else the fixed value it is."""
+    planner = method_planner(m)
+    obs = m["file"]["observations"]
+    conds = []
+    for t, reward in ((0, None), (1, np.array([3.0, 5.0]))):
+        (_, _, returns, use_cond, _) = record_decision(planner, obs[t:t + 2], reward)["net"][0]
+        conds.append(returns[use_cond == 1])  # (B*N, 1): the conditioned rows
+    current = planner.R.repeat_interleave(planner.N, 0)
+    if torch.allclose(conds[1], current, atol=1e-7) and not torch.allclose(conds[0], conds[1]):
+        return 0.0
+    if torch.equal(conds[0], conds[1]) and bool((conds[1] == conds[1][0]).all()):
+        return float(conds[1][0])
+    return "neither fixed nor the current return-to-go"
+
+
+def probe_sample_temperature(m):
+    """alpha of diffusion from noise: the rms of x_T over 128 environments x N candidates x (H - 1) x S entries
+    (standard error under 0.9%, so the 0.05 grid it is rounded to lies over 4 standard errors away), seeded."""
+    planner = method_planner(m, "diffusion")
+    obs = m["file"]["observations"][:128]
+    x = record_decision(planner, obs, stop_first=True)["net"][0][0][: 128 * planner.N]
+    return round(float(x[:, 1:].double().pow(2).mean().sqrt()) * 20) / 20
+
+
+def probe_cond_discount(m):
+    """The discount that links the loaded denoiser condition to the rewards: c_t - r_t = gamma c_{t+1} inside an
+    episode, gamma fitted by least squares over every step."""
+    d = m["load"]
+    num = den = 0.0
+    for s, l in zip(d.episode_starts, d.episode_lengths):
+        c, r = d.cond_rtg[s:s + l].astype(np.float64), d.rewards[s:s + l].astype(np.float64)
+        num += float(((c[:-1] - r[:-1]) * c[1:]).sum())
+        den += float((c[1:] ** 2).sum())
+    return round(num / den, 4)
+
+
+def probe_cond_scale(m):
+    """What the denoiser's training condition is divided by: the data's discounted return-to-go at each window's
+    first step over the condition the loss got; 0 when that is the largest magnitude in the data (computed here
+    from the rewards with the config's discount), i.e. 'read off the data'."""
+    d, batch = m["load"], m["batch"]
+    (_, cond, *_), _ = m["diffusion"]  # loss(x0, returns, draws)
+    raw = discounted_rtg(d.rewards, d.episode_starts, d.episode_lengths, m["cfg"].cond_discount)
+    scale = float(np.median(raw[batch["start"].numpy()] / cond[:, 0].double().numpy()))
+    return 0.0 if math.isclose(scale, float(np.abs(raw).max()), rel_tol=1e-5) else round(scale, 3)
+
+
+def probe_invdyn_clamp_loss(m):
+    """Whether the training's inverse-dynamics loss clamps the prediction to [-1, 1]: its recorded arguments,
+    given to a stand-in that predicts 5 everywhere, give the clamped loss (True) or the raw one (False)."""
+    (s, s_next, a, mask), kwargs = m["invdyn"]
+    big = InverseDynamics(17, 6, hidden=4)
+    with torch.no_grad():
+        big.net[-1].weight.zero_()
+        big.net[-1].bias.fill_(5.0)
+        loss = float(big.loss(s, s_next, a, mask, **kwargs))
+    for clamped, pred in ((True, 1.0), (False, 5.0)):  # the masked mean of the squared error, computed here
+        if math.isclose(loss, float(((pred - a).pow(2).mean(-1) * mask).sum() / mask.sum()), rel_tol=1e-5):
+            return clamped
+    return "neither"
+
+
+def probe_invdyn_next_own_stats(m):
+    """Whether the sampled windows' next states are normalized by the next states' own statistics (True) or by
+    the states' normalizer (False); the next states are drawn as 3 + 2 z, so the two differ by O(1)."""
+    d, batch = m["load"], m["batch"]
+    nxt = d.next_observations.astype(np.float64)
+    got = batch["next_states"][:, 0].double().numpy()
+    raw = nxt[batch["start"].numpy()]
+    eps = m["cfg"].norm_eps
+    std = nxt.std(0) + eps if eps > 0 else np.maximum(nxt.std(0), data.Normalizer.STD_FLOOR)
+    if np.allclose(got, (raw - nxt.mean(0)) / std, atol=1e-4):
+        return True
+    return False if np.allclose(got, d.normalizer.normalize(raw), atol=1e-4) else "neither"
+
+
+def probe_episode_split(m):
+    """How the file was cut: 'ours' keeps every row and ends episodes at the timeouts; 'official' drops the timeout
+    rows and the data's last row, and cuts pieces of max episode steps across episodes."""
+    d, f = m["load"], m["file"]
+    n, n_timeouts = len(f["rewards"]), int(f["timeouts"].sum())
+    if len(d.rewards) == n and d.episode_lengths.tolist() == [60, 60, 60, 10]:
+        return "ours"
+    if len(d.rewards) == n - n_timeouts - 1 and d.episode_lengths.tolist() == [n - n_timeouts - 1]:
+        return "official"
+    return f"neither ({len(d.rewards)} rows, episodes {d.episode_lengths.tolist()})"
+
+
+def probe_norm_eps(m):
+    """The constant dimension's std in the loaded normalizer: the floor 1e-2 (ours, reported as 0) or 0 + eps."""
+    s = float(m["load"].normalizer.std[METHOD_CONST_DIM])
+    return 0.0 if math.isclose(s, data.Normalizer.STD_FLOOR, rel_tol=1e-6) else s
+
+
+def probe_critic_lr_decay(m):
+    """Whether the critic's learning rate has decayed after one step (lr_decay_steps = 2)."""
+    groups = plan.load_checkpoint(m["critic_ckpt"])["optimizer"]["param_groups"]
+    g = next(g for g in groups if g["name"] == "critic")
+    return g["lr"] < g["initial_lr"] * (1 - 1e-6)
+
+
+def probe_ema_copy_each_step(m):
+    """Whether the EMA denoiser equals the trained one after step 1 (copied at every step before ema_start; with
+    ema_every = 2 ours copies at even steps only)."""
+    models = plan.load_checkpoint(m["ckpt"])["models"]
+    return all(torch.equal(v, models["diffusion"][k]) for k, v in models["ema"].items())
+
+
+METHOD_PROBES = {
+    "causal": probe_causal, "schedule": probe_schedule, "prediction": probe_prediction, "x0_clamp": probe_x0_clamp,
+    "unet_full_skip": probe_unet_full_skip, "unet_time_mult": probe_unet_time_mult,
+    "refine_noise": probe_refine_noise, "refine_steps": probe_refine_steps, "guidance": probe_guidance,
+    "n_candidates": probe_n_candidates, "use_critic": probe_use_critic, "cond_target": probe_cond_target,
+    "sample_temperature": probe_sample_temperature, "cond_discount": probe_cond_discount,
+    "cond_scale": probe_cond_scale, "invdyn_clamp_loss": probe_invdyn_clamp_loss,
+    "invdyn_next_own_stats": probe_invdyn_next_own_stats, "episode_split": probe_episode_split,
+    "norm_eps": probe_norm_eps, "critic_lr_decay": probe_critic_lr_decay,
+    "ema_copy_each_step": probe_ema_copy_each_step,
+}
+
+
+def _agrees(seen, want) -> bool:
+    if isinstance(want, (bool, str)) or isinstance(seen, (bool, str)):
+        return type(seen) is type(want) and seen == want
+    return math.isclose(seen, want, rel_tol=1e-3, abs_tol=1e-9)
+
+
+@pytest.mark.parametrize("setting", sorted(deviation_table_settings()))
+def test_method_builds_what_it_says(method_builds, setting):
+    """Catches: a method setting that the config resolves but the code does not build (--method official's
+    networks, data, training or planner silently built as ours, or the reverse), e.g. model_args dropping
+    causal, the schedule, the prediction, the skip, the clamp or the time width; a planner ignoring refine_noise,
+    cond_target or sample_temperature; the loader ignoring cond_discount, norm_eps or episode_split. For each
+    setting of docs/deviations.md's table, its probe in METHOD_PROBES observes the behaviour of what each method
+    built; it must equal the method's resolved setting, and differ between the methods (so the probe can see the
+    difference). A deviation added to the table without a probe fails here."""
+    probe = METHOD_PROBES.get(setting)
+    assert probe is not None, f"docs/deviations.md lists {setting!r}: add a behaviour probe to METHOD_PROBES"
+    seen = {}
+    for method, m in method_builds.items():
+        seen[method] = probe(m)
+        want = getattr(m["cfg"], setting)
+        assert _agrees(seen[method], want), f"--method {method}: {setting} is {want!r}, but it builds {seen[method]!r}"
+    print(f"{setting}: {seen}")
+    assert not _agrees(seen["ours"], seen["official"]), f"the probe for {setting} cannot tell the methods apart: {seen}"
+
+
+def test_method_probes_cover_exactly_the_deviation_table():
+    """Catches: a probe left behind for a setting no longer in docs/deviations.md (the other direction, a row
+    without a probe, fails test_method_builds_what_it_says)."""
+    assert set(METHOD_PROBES) == deviation_table_settings(), set(METHOD_PROBES) ^ deviation_table_settings()
+
+
+def test_mutants_list_still_applies():
+    """Catches: a stale mutant in scripts/mutants.py, whose original line was edited away or now occurs twice, so
+    that the mutation score in docs/reliability.md would silently stop measuring it: --list checks that each
+    mutant's original substring occurs exactly once in its file and exits non-zero otherwise."""
+    p = run_script("scripts/mutants.py", "--list", check=False, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    n = int(p.stdout.split()[-2])
+    assert n >= 30 and p.stdout.splitlines()[-1] == f"{n} mutants", p.stdout[-500:]
+
+
 def test_cli_config_legacy_dynamics_one_default_per_name(tmp_path):
     """One default per name, everywhere: on for D4RL's own locomotion names (their data came from mujoco-py on
     MuJoCo 2.x), off for every other name; data.make_env builds the same dynamics as train.py and plan.py."""
@@ -1869,7 +2610,7 @@ def test_plan_x0_clamp_travels_with_checkpoint(tiny_run):
 
 def test_cli_plan_diagnose_writes_png_and_json(tiny_run, tmp_path):
     png = tmp_path / "diag.png"
-    run_script("bench.py", "--checkpoint", tiny_run["out"] / "checkpoint.pt", "--diagnose", png, "--ks", "1,2",
+    run_script("diagnose.py", "--checkpoint", tiny_run["out"] / "checkpoint.pt", "--diagnose", png, "--ks", "1,2",
                "--threads", "1")
     assert png.is_file() and png.stat().st_size > 10_000
     r = json.loads(png.with_suffix(".json").read_text())
@@ -1931,15 +2672,15 @@ def test_speed_benchmark_tiny_has_every_row(tiny_run, tmp_path):
 
 
 def test_cli_bench_video_png_strip(tiny_run, tmp_path):
-    """bench.py --video renders an episode offscreen (MUJOCO_GL=egl) and writes the 6-frame PNG strip."""
+    """diagnose.py --video renders an episode offscreen (MUJOCO_GL=egl) and writes the 6-frame PNG strip."""
     png = tmp_path / "strip.png"
-    p = run_script("bench.py", "--checkpoint", tiny_run["out"] / "checkpoint.pt", "--video", png, "--video-steps", 12,
+    p = run_script("diagnose.py", "--checkpoint", tiny_run["out"] / "checkpoint.pt", "--video", png, "--video-steps", 12,
                    "--threads", "1")
     assert png.is_file() and png.stat().st_size > 1000 and "12 frames" in p.stdout
 
 
 def test_plan_export_for_planning_acts_and_refuses_resume(tiny_run, tmp_path):
-    dst = bench.export_for_planning(tiny_run["out"] / "checkpoint.pt", tmp_path / "slim" / "checkpoint.pt")
+    dst = diagnose.export_for_planning(tiny_run["out"] / "checkpoint.pt", tmp_path / "slim" / "checkpoint.pt")
     slim = torch.load(dst, weights_only=True)
     assert "optimizer" not in slim and "diffusion" not in slim["models"] and "ema" in slim["models"]
     full = plan.Planner.from_checkpoint(tiny_run["out"] / "checkpoint.pt", device="cpu", planner="transformer")
@@ -1967,34 +2708,54 @@ def test_plan_shipped_checkpoint_acts():
 # Stand-in networks record what the planner hands them, so that each wire of Planner.act / decide is checked
 # against a hand computation. B = environments, N = candidates, S = 4 state dims, A = 2 action dims.
 class RecordingTransformer:
-    """rollout(): records the history; its plan moves every state by +1 per step (so x[:, 1] != x[:, 2])."""
+    """rollout(): records the history (calls), and every argument with the mode it ran in (log); its plan moves
+    every state by +1 per step (so x[:, 1] != x[:, 2]). In train mode (dropout on) row j's plan moves a further
+    0.1 (j + 1), so that N dropout rollouts differ. train() and eval() set the mode, as nn.Module's do."""
 
     def __init__(self):
-        self.calls = []
+        self.calls, self.log, self.training = [], [], False
+
+    def train(self, mode=True):
+        self.training = mode
+        return self
+
+    def eval(self):
+        return self.train(False)
 
     def rollout(self, hist_s, hist_r, n_steps):
         self.calls.append((hist_s.clone(), hist_r.clone()))
         steps = torch.arange(1, n_steps + 1, dtype=hist_s.dtype)[None, :, None]  # (1, n, 1)
-        return hist_s[:, -1:] + steps, hist_r[:, -1:].expand(-1, n_steps, -1)
+        future = hist_s[:, -1:] + steps
+        if self.training:
+            future = future + 0.1 * torch.arange(1, hist_s.shape[0] + 1, dtype=hist_s.dtype)[:, None, None]
+        self.log.append(dict(hist_s=hist_s.clone(), hist_r=hist_r.clone(), n_steps=n_steps, training=self.training,
+                             future=future.clone()))
+        return future, hist_r[:, -1:].expand(-1, n_steps, -1)
 
 
 class RecordingDenoiser:
-    """refine(): records k and its input; row j of the output is the input moved by 0.01 j after step 0."""
-    n_timesteps = 10
+    """refine(): records k and its input; row j of the output is the input moved by 0.01 j after step 0.
+    sample(): a plan of `horizon` states from cond_state, moving by +1 per step. calls: every argument either
+    method received, by name, in call order."""
+    n_timesteps, horizon = 10, 4
 
     def __init__(self):
-        self.ks, self.inputs, self.outputs = [], [], []
+        self.ks, self.inputs, self.outputs, self.calls = [], [], [], []
 
-    def refine(self, x, k, cond, w, add_noise=True):
+    def refine(self, x, k, cond, w, add_noise=True, temperature=1.0):
         out = x.clone()
         out[:, 1:] += 0.01 * torch.arange(x.shape[0], dtype=x.dtype)[:, None, None]
         self.ks.append(k)
         self.inputs.append(x.clone())
         self.outputs.append(out)
+        self.calls.append(dict(method="refine", x=x.clone(), k=k, cond=cond.clone(), w=w, add_noise=add_noise,
+                               temperature=temperature))
         return out
 
-    def sample(self, cond_state, cond, w):
-        raise AssertionError("the td planner never samples from noise")
+    def sample(self, cond_state, cond, w, temperature=1.0):
+        self.calls.append(dict(method="sample", cond_state=cond_state.clone(), cond=cond.clone(), w=w,
+                               temperature=temperature))
+        return cond_state[:, None] + torch.arange(self.horizon, dtype=cond_state.dtype)[None, :, None]
 
 
 class RecordingInvdyn:
@@ -2019,8 +2780,9 @@ class TableCritic:
         return self.q.flatten()
 
 
-def stand_in_planner(q=None, **settings):
-    """A Planner over the stand-ins: C = 3, H = 4, k = 3, a normalizer with mean 0.5 + i and std 2."""
+def stand_in_planner(q=None, kind="td", **settings):
+    """A Planner (kind td or diffusion) over the stand-ins: C = 3, H = 4, k = 3, a normalizer with mean 0.5 + i and
+    std 2; settings replace PlanConfig fields."""
     cfg = plan.PlanConfig(**{**dict(horizon=4, context=3, refine_steps=3, n_candidates=1, critic_temperature=0.0,
                                     target_return=100.0, rtg_scale=100.0), **settings})
     nets = {"transformer": RecordingTransformer(), "ema": RecordingDenoiser(), "invdyn": RecordingInvdyn()}
@@ -2028,7 +2790,7 @@ def stand_in_planner(q=None, **settings):
         nets["critic"] = TableCritic(q)
     S = 4
     norm = data.Normalizer(0.5 + np.arange(S, dtype=np.float32), np.full(S, 2.0, np.float32))
-    planner = plan.Planner(cfg, nets, norm, "cpu")
+    planner = plan.Planner(cfg, nets, norm, "cpu", kind)
     planner.set_bounds(-1e3, 1e3)  # the stand-ins' actions are never clamped
     return planner, nets, norm
 
@@ -2074,6 +2836,104 @@ def test_glue_planner_decide_wiring_k_invdyn_and_critic():
     want = acts.view(2, 3, -1)[torch.arange(2), torch.tensor([1, 2])]  # (B, A): the critic's argmax
     assert not torch.equal(want, acts.view(2, 3, -1)[:, 0])  # candidate 0 would give other actions
     np.testing.assert_array_equal(a, want.numpy())
+
+
+def method_plan_settings(method):
+    """The planning settings --method METHOD resolves to on a bundled halfcheetah name (ours: its row and the CPU
+    preset; official: the published method's), i.e. what a planner must hand its networks."""
+    cfg = config.resolve_config({"env": "halfcheetah-medium-replay-sb3", "method": method})
+    return {k: getattr(cfg, k) for k in ("refine_steps", "guidance", "cond_target", "n_candidates", "refine_noise",
+                                         "temperature", "sample_temperature", "critic_temperature", "proposals")}
+
+
+WIRE_OBS = [np.array([[t, 1.0 - t, 0.5 * t, 2.0], [-t, 3.0, t * t, -1.0]], np.float32) for t in range(6)]
+WIRE_REWARDS = [None] + [np.array([4.0 + t, 20.0 * t]) for t in range(1, 6)]  # env 1 reaches the floor at step 3
+
+
+@pytest.mark.parametrize("method", ["ours", "official"])
+def test_glue_planner_hands_each_network_what_the_config_says(method):
+    """Catches: the denoiser conditioned on an earlier return-to-go than the current one (before the reward's
+    decrement, or the history's first), on the return-to-go where cond_target fixes the condition (or the
+    reverse); the denoiser handed another w, k, add_noise or temperature than the config's (the refinement's
+    temperature given to the sampler, or the sampler's to the refinement); candidates that are not each
+    environment's plan repeated N times; the diffusion planner not sampling from the current states. With
+    --method METHOD's planning settings (also with temperatures 0.3 / 0.7 and no refinement noise), cond_target
+    in {0 (the current return-to-go), 1, 0.6}, 6 steps of 2 environments with rewards, for the td and the
+    diffusion planner: every argument the stand-ins record equals what the config and the episode say."""
+    B, R0, floor, scale = 2, 1.0, 1.0 / 3.0, 100.0  # stand_in_planner: target 100, rtg_scale 100
+    base = method_plan_settings(method)
+    variants = [base, {**base, "temperature": 0.3, "sample_temperature": 0.7, "refine_noise": not base["refine_noise"]}]
+    checked = 0
+    for settings in variants:
+        for cond_target in (0.0, 1.0, 0.6):
+            s = {**settings, "cond_target": cond_target}
+            N = s["n_candidates"]
+            for kind in ("td", "diffusion"):
+                planner, nets, norm = stand_in_planner(q=np.zeros((B, N)) if N > 1 else None, kind=kind, **s)
+                tf, den = nets["transformer"], nets["ema"]
+                planner.reset(B)
+                for t in range(len(WIRE_OBS)):
+                    planner.act(WIRE_OBS[t], WIRE_REWARDS[t])
+                    got = np.sum([r for r in WIRE_REWARDS[1:t + 1]], axis=0) if t else np.zeros(B)
+                    R = torch.tensor([max(R0 - g / scale, R0 * floor) for g in got], dtype=torch.float32)[:, None]
+                    want_cond = torch.full((B * N, 1), cond_target) if cond_target else R.repeat_interleave(N, 0)
+                    s_now = norm.normalize(torch.as_tensor(WIRE_OBS[t])).repeat_interleave(N, 0)  # (B*N, S)
+                    assert len(den.calls) == t + 1
+                    call = den.calls[-1]
+                    where = f"{method} {kind} cond_target={cond_target} step {t}"
+                    assert torch.allclose(call["cond"], want_cond, atol=1e-6), (where, call["cond"].flatten(), want_cond.flatten())
+                    assert call["w"] == s["guidance"], where
+                    if kind == "td":
+                        assert call["method"] == "refine", where
+                        assert (call["k"], call["add_noise"], call["temperature"]) == (
+                            s["refine_steps"], s["refine_noise"], s["temperature"]), (where, call)
+                        assert torch.allclose(call["x"][:, 0], s_now, atol=1e-6), where
+                        steps = torch.arange(1, 4, dtype=torch.float32)[None, :, None]  # the stand-in's plan
+                        assert torch.allclose(call["x"][:, 1:], s_now[:, None] + steps, atol=1e-6), where
+                        assert tf.log[-1]["hist_s"].shape[0] == B and not tf.log[-1]["training"]  # one rollout per env
+                    else:
+                        assert call["method"] == "sample" and not tf.log, where  # no transformer, no refinement
+                        assert call["temperature"] == s["sample_temperature"], (where, call["temperature"])
+                        assert torch.allclose(call["cond_state"], s_now, atol=1e-6), where
+                    checked += 1
+                assert float(R[1]) == pytest.approx(floor) and float(R[0]) > floor  # env 1 sits on the floor
+    print(f"{method}: {checked} decisions checked")
+
+
+def test_glue_planner_dropout_proposals_are_n_rollouts_in_train_mode():
+    """Catches: proposals="dropout" rolling out once per environment (N equal candidates) or with dropout off, or
+    leaving the transformer in train mode afterwards (every later plan would be sampled). Stand-ins: one rollout
+    over each environment's history repeated N times, in train mode, and eval mode after the decision; the
+    denoiser refines exactly those N rollouts. The real (tiny) transformer: its N candidates per environment
+    differ pairwise with dropout and are identical with proposals="mean"; it is in eval mode after either."""
+    B, N, H = 2, 3, 4
+    planner, nets, norm = stand_in_planner(q=np.zeros((B, N)), n_candidates=N, proposals="dropout")
+    tf, den = nets["transformer"], nets["ema"]
+    planner.reset(B)
+    for t in range(3):
+        planner.act(WIRE_OBS[t], WIRE_REWARDS[t])
+        log = tf.log[-1]
+        assert log["training"] and not tf.training, "dropout off during the rollout, or left on after it"
+        hist_s, hist_r = tf.calls[-1]
+        assert log["hist_s"].shape[0] == B * N
+        assert torch.equal(log["hist_s"], planner.hist_s[:, : t + 1].repeat_interleave(N, 0))
+        assert torch.equal(log["hist_r"], planner.hist_r[:, : t + 1].repeat_interleave(N, 0))
+        x = den.calls[-1]["x"]
+        assert torch.equal(x[:, 1:], log["future"]), "the denoiser did not get the N rollouts"
+        s_now = norm.normalize(torch.as_tensor(WIRE_OBS[t])).repeat_interleave(N, 0)
+        assert torch.allclose(x[:, 0], s_now, atol=1e-6)
+    torch.manual_seed(0)
+    real = TrajectoryTransformer(4, half_dim=8, n_layer=1, n_head=2, ffn_dim=16, dropout=0.1, max_len=6).eval()
+    for proposals in ("dropout", "mean"):
+        planner, nets, _ = stand_in_planner(q=np.zeros((B, N)), n_candidates=N, proposals=proposals)
+        planner.transformer = real
+        planner.reset(B)
+        planner.act(WIRE_OBS[1])
+        x = nets["ema"].calls[-1]["x"].view(B, N, H, 4)
+        gaps = [float((x[b, i, 1:] - x[b, j, 1:]).abs().max()) for b in range(B) for i in range(N) for j in range(i)]
+        print(f"proposals={proposals}: smallest difference between two candidates {min(gaps):.2e}")
+        assert (min(gaps) > 1e-4) if proposals == "dropout" else (max(gaps) == 0.0), (proposals, gaps)
+        assert not real.training
 
 
 def test_glue_diffusion_refine_and_sample_call_the_net_k_and_t_times():
@@ -2260,7 +3120,7 @@ def test_glue_fused_step_equals_per_network_steps(tmp_path, concurrent):
                 opts[k].step()
                 scheds[k].step()
             for k, v in losses.items():
-                assert logged[step][k] == pytest.approx(float(v), rel=1e-4, abs=1e-6), (step, k)
+                assert logged[step][k] == pytest.approx(float(v.detach()), rel=1e-4, abs=1e-6), (step, k)
     finally:
         torch.set_num_threads(threads)
         machine.set_matmul_precision(torch.device("cpu"), onednn=False)
@@ -2306,7 +3166,8 @@ def rel_snapshot(folder) -> dict:
 
 
 def rel_one_line_error(proc, *words) -> str:
-    """Exit code 2 (README), exactly one non-empty stderr line starting with 'error:', no traceback, the words."""
+    """Exit code 2 (docs/reliability.md), exactly one non-empty stderr line starting with 'error:', no traceback, the
+    words."""
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2, (f"exit {proc.returncode}, not 2\nstdout: {proc.stdout[-2000:]}\n"
                                   f"stderr: {proc.stderr[-2000:]}")
@@ -3096,6 +3957,87 @@ def test_any_walker2d_h32_trains_and_plans(tmp_path):
         a = planner.act(obs, reward)
         assert a.shape == (6,) and np.all(np.abs(a) <= 1) and np.all(np.isfinite(a))
         obs, reward, *_ = env.step(a)
+
+
+# ------------------------------------------------------------------------------------------ layout
+SCRIPT_PATH = r"(?<![\w:/.$-])scripts/[\w./-]*\w"  # a `COMMIT:scripts/...` path names a file at that commit
+
+
+def test_layout_every_script_answers_help_and_every_named_script_exists():
+    """Every file under scripts/ is a script that answers --help with exit 0 and does no work: Python scripts
+    through argparse, shell scripts after `bash -n` (their help names their own path), so a new script without a
+    --help, or a function, flag or JSON key a script still names after a rename, fails here (a script that imports
+    a moved function fails at import). Every `scripts/...` path named in the READMEs, docs/*.md, the modules and
+    the scripts exists."""
+    import re
+    root = ROOT_DIR
+    files = sorted(p for p in (root / "scripts").rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+    scripts = [p for p in files if p.suffix in (".py", ".sh")]
+    assert [p for p in files if p not in scripts] == [root / "scripts" / "README.md"], "scripts/ holds only scripts"
+    env = dict(os.environ, MUJOCO_GL=os.environ.get("MUJOCO_GL", "egl"))
+    for p in scripts:
+        if p.suffix == ".sh":
+            r = subprocess.run(["bash", "-n", p], capture_output=True, text=True)
+            assert r.returncode == 0, f"{p}: {r.stderr}"
+    procs = {p: subprocess.Popen([sys.executable if p.suffix == ".py" else "bash", p, "--help"], cwd=root, env=env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for p in scripts}
+    for p, proc in procs.items():
+        out, err = proc.communicate(timeout=300)
+        rel = p.relative_to(root).as_posix()
+        assert proc.returncode == 0 and out.strip(), f"{rel} --help: {proc.returncode}\n{out[-2000:]}\n{err[-2000:]}"
+        if p.suffix == ".sh":
+            assert rel in out, f"{rel} --help does not name its own path:\n{out}"
+    pages = [root / "README.md", *(root / d / "README.md" for d in ("checkpoints", "datasets", "results", "scripts")),
+             *root.glob("docs/*.md"), *root.glob("*.py"), *scripts]
+    missing = {f"{page.relative_to(root)}: {m}" for page in pages if page.exists()
+               for m in re.findall(SCRIPT_PATH, page.read_text()) if not (root / m).exists()}
+    assert not missing, "named but missing:\n" + "\n".join(sorted(missing))
+    for page in (root / "scripts" / "README.md", root / "results" / "README.md"):  # the maps' links and anchors
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            path, _, anchor = target.partition("#")
+            dest = (page.parent / path).resolve()
+            headings = re.findall(r"^#+\s+(.*)$", dest.read_text(), re.M) if dest.suffix == ".md" else []
+            assert dest.exists() and (not anchor or anchor in map(_markdown_anchor, headings)), (page, target)
+    listed = (root / "results" / "README.md").read_text()
+    unlisted = [p.name for p in (root / "results").iterdir() if p.name != "README.md" and f"`{p.name}" not in listed]
+    assert not unlisted, f"results/README.md does not name {unlisted}"
+
+
+IMPORT_ORDER = ["transformer", "diffusion", "inverse_dynamics", "sources", "envs", "data", "machine", "config",
+                "plots", "plan", "train", "diagnose", "bench"]  # each module imports only those before it
+
+
+def test_layout_imports_run_one_way():
+    """Imports run one way (docs/usage.md): every module of the project imports only modules before it in
+    IMPORT_ORDER, function-level imports included (parsed, not run), so training and planning never import the
+    benchmark or the diagnostics; and bench.py still hands diagnose.py's flags on."""
+    import ast
+    root = ROOT_DIR
+    modules = sorted(p.stem for p in root.glob("*.py") if p.stem != "test_all")
+    assert sorted(IMPORT_ORDER) == modules, "place a new module in IMPORT_ORDER"
+    for i, name in enumerate(IMPORT_ORDER):
+        tree = ast.parse((root / f"{name}.py").read_text())
+        imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        later = imported & set(IMPORT_ORDER[i:])
+        assert not later, f"{name}.py imports {sorted(later)}, which come after it"
+    p = run_script("bench.py", "--checkpoint", "x.pt", "--diagnose", "d.png", "--help")
+    assert p.stdout.startswith("usage: diagnose.py") and "diagnose.py" in p.stderr
+
+
+def test_envs_kitchen_kept_observation_does_not_change():
+    """FrankaKitchen-v1 hands the same goal dicts to reset() and step() (gymnasium's passive checker warns about it;
+    pytest.ini filters that warning): envs.KitchenObservation passes on the 'observation' entry alone, a fresh array
+    at every step, so an observation a user keeps does not change when the env steps."""
+    env = data.make_env("kitchen-mixed-v0", seed=0)
+    obs, _ = env.reset()
+    kept, copy = obs, obs.copy()
+    for _ in range(3):
+        nxt = env.step(np.full(9, 0.5, np.float32))[0]
+        assert not np.shares_memory(nxt, kept)
+        np.testing.assert_array_equal(kept, copy)  # what the user kept is unchanged
+        assert not np.array_equal(nxt, copy)  # while the state moved
+        kept, copy = nxt, nxt.copy()
 
 
 # ---- walkthrough ----

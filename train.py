@@ -14,8 +14,9 @@ Huang et al., "Diffusion Models as Optimizers for Efficient Planning in Offline 
     torchrun --nproc_per_node=2 train.py --env ... --device cpu   # data-parallel over processes
     python train.py --help                                  # every Config field is a flag
 
-Reading order: the Config and the per-dataset table; the models; train(), one flat loop; then the run's
-bookkeeping (run directory, resume, checkpoints, torchrun). A run directory (--out) holds checkpoint.pt
+Reading order: the optimizer, the learning rate and the EMA; train(), one flat loop; then the run's
+bookkeeping (run directory, resume, checkpoints, torchrun). Every setting, the per-dataset table and the
+networks' construction are config.py's. A run directory (--out) holds checkpoint.pt
 (everything needed to resume and to act), config.json, metrics.jsonl and curves.png.
 Tests: python -m pytest test_all.py -k "train or cli or reliability"
 """
@@ -37,7 +38,7 @@ import torch.nn as nn
 import data as D
 from data import UsageError
 import sources
-from machine import atomic_write, pick_device, set_matmul_precision, set_threads
+from machine import CudaGraphed, atomic_write, pick_device, set_matmul_precision, set_threads
 from config import Config, build_parser, model_args, resolve_config, target_from_data
 from config import FORMAT_VERSION, PlanConfig, build_networks, load_checkpoint, planning_copy
 from plan import Planner, evaluate, format_result
@@ -97,9 +98,10 @@ def train(given: dict) -> Path:
         cfg.legacy_dynamics, run.dynamics = D.choose_dynamics(data)
     # One window of C + H - 1 steps per sample: the transformer reads all of it; the denoiser, inverse dynamics
     # and the critic read its first H steps (a window of H starting at the same place).
-    # DEVIATION: one gather per step where two independent draws were made. The H-windows now start where the
-    # longer windows can: in an episode that ends on a timeout, its last C - 1 H-window starts are no longer
-    # drawn (6 of 993 per 1000-step halfcheetah episode, C = 7), and a step's denoiser windows share the transformer's.
+    # DEVIATION: one gather per step (the official code draws the two window lengths independently). The H-windows
+    # start where the longer windows can: in an episode that ends on a timeout, its last C - 1 starts are never
+    # drawn for the denoiser (6 of 993 per 1000-step halfcheetah episode, C = 7), and a step's denoiser windows
+    # share the transformer's.
     next_norm = None  # official: inverse dynamics reads next states normalized by their own statistics
     if cfg.invdyn_next_own_stats and data.next_observations is not None:
         next_norm = D.Normalizer.fit(data.next_observations, cfg.norm_eps)
@@ -307,7 +309,6 @@ class Run:
         if self.cfg.compile:
             transformer_loss, trajectory_losses = torch.compile(transformer_loss), torch.compile(trajectory_losses)
         if self.cfg.cuda_graph:
-            from bench import CudaGraphed
             train_step = CudaGraphed(train_step, warmup=3)
         return transformer_loss, trajectory_losses, train_step
 
@@ -367,7 +368,7 @@ class Run:
 
     def finish(self, nets) -> Path:
         if self.rank == 0:
-            from bench import plot_curves
+            from plots import plot_curves  # matplotlib, imported once the run is done
             plot_curves(self.out / "metrics.jsonl", self.out / "curves.png")
             print(f"run directory: {self.out}  (python plan.py --checkpoint {self.out / 'checkpoint.pt'})")
         if self.world > 1:

@@ -124,8 +124,8 @@ class TrajectoryTransformer(nn.Module):
 
     DEVIATION: the official model is trained with no attention mask, so every position but the last sees
     its own target; here causal=True (the default) masks the future. causal=False reproduces the official
-    model for ablations; its rollout always re-runs the whole growing sequence, because a non-causal
-    model's keys for old tokens change when a token is appended, so a KV cache would be wrong.
+    model for ablations; its rollout re-runs a sliding window of the last c tokens at every step, because a
+    non-causal model's keys for old tokens change when a token is appended, so a KV cache would be wrong.
     """
 
     def __init__(self, state_dim, half_dim=256, n_layer=4, n_head=4, ffn_dim=512, dropout=0.1,

@@ -103,13 +103,13 @@ def load(env, seed, name, stage):
     return json.loads(p.read_text()) if p.is_file() else None
 
 
-def commands(stage: str) -> list[str]:
+def commands(stage: str, seeds=SEEDS) -> list[str]:
     cmds = []
     envs = (HCMR,) if stage == "select" else (HCMR, HOPPER)
     for env in envs:
         runs = ({n: (f, 10) for n, f in select_runs().items()} if stage == "select" else report_runs(env))
         seed0 = 100 if stage == "select" else 1000
-        for s in SEEDS:
+        for s in seeds:
             c = ckpt(env, s)
             for name, (flags, episodes) in runs.items():
                 out = json_path(env, s, name, stage)
@@ -204,6 +204,54 @@ def table(env: str, stage: str, names: list[str]) -> str:
     return "\n".join(lines)
 
 
+LABELS = {"transformer": "transformer alone", "td": "td (default: k = 1, alpha = 1)", "dd_a0.5_w1.2": "DD's sampler "
+          "(from noise, alpha = 0.5)", "dd_a1_w1.2": "from noise, alpha = 1"}
+
+
+def label(name: str) -> str:
+    if name.startswith("prop"):
+        n, k = name[4:].split("_k")
+        return f"dropout proposals: {n} candidates, k = {k}, critic"
+    if name.startswith("td_a"):
+        return f"td, alpha = {name[4:]}"
+    if name.startswith("dd_a0.5_w") and name != "dd_a0.5_w1.2":
+        return f"DD's sampler, w = {name[9:]}"
+    return LABELS.get(name, name)
+
+
+def plot(png: Path) -> None:
+    """One panel per dataset: each planner's score per training seed (dots) and mean (bar) on seeds 1000+, the
+    data's references as lines, and the ms per decision (batch 1, timing.json) in the label where measured."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    timing_ms = (json.loads((OUT / "timing.json").read_text())["ms_per_decision"]
+                 if (OUT / "timing.json").is_file() else {})
+    envs = [e for e in (HCMR, HOPPER) if load(e, 0, "td", "report")]
+    fig, axes = plt.subplots(1, len(envs), figsize=(7 * len(envs), 4.6), squeeze=False)
+    for ax, env in zip(axes[0], envs):
+        names = [n for n in report_runs(env) if all(load(env, s, n, "report") for s in SEEDS)]
+        for i, name in enumerate(names):
+            scores = [load(env, s, name, "report")["normalized_score_mean"] for s in SEEDS]
+            ax.barh(i, statistics.mean(scores), color="C0" if name.startswith(("td", "prop")) else
+                    "C1" if name.startswith("dd") else "C7", alpha=0.6)
+            ax.plot(scores, [i] * len(scores), "k.", ms=6)
+            ms = timing_ms.get(f"{env}/{name}")
+            ax.text(0.5, i, f"{statistics.mean(scores):.1f}" + (f"  ({ms:.0f} ms)" if ms else ""), va="center",
+                    fontsize=8)
+        ax.set_yticks(range(len(names)), [label(n) for n in names], fontsize=8)
+        ax.invert_yaxis()
+        for j, (ref, v) in enumerate(sources.BUNDLED_REFERENCES.get(env, {}).items()):
+            ax.axvline(v, color=f"C{j + 2}", ls="--", lw=1, label=f"{ref} {v}")
+        ax.set_xlabel("D4RL normalized score (episode seeds 1000+; dots: training seeds)")
+        ax.set_title(env, fontsize=10)
+        ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    print(f"wrote {png}")
+
+
 def summary() -> str:
     parts = ["## select (episode seeds 100+)", table(HCMR, "select", list(select_runs()))]
     try:
@@ -230,15 +278,18 @@ def main(argv=None) -> int:
     p.add_argument("--jobs", type=int, default=2, help="processes at a time, one thread each (default 2 = the cores)")
     p.add_argument("--dry-run", action="store_true", help="print the commands that are still to run, run none")
     p.add_argument("--decisions", type=int, default=200, help="timing: decisions timed per planner")
+    p.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="select/report: only these training seeds")
     args = p.parse_args(argv)
     (OUT / "select").mkdir(parents=True, exist_ok=True)
     (OUT / "report").mkdir(parents=True, exist_ok=True)
     if args.stage == "train":
         run_all(train_commands(), args.jobs, args.dry_run)
     elif args.stage in ("select", "report"):
-        run_all(commands(args.stage), args.jobs, args.dry_run)
+        run_all(commands(args.stage, [int(s) for s in args.seeds.split(",")]), args.jobs, args.dry_run)
     elif args.stage == "timing":
         timing(args.decisions)
+    elif args.stage == "summary" and load(HCMR, 0, "td", "report"):
+        plot(ROOT / "docs" / "optimizer.png")
     print(summary() if args.stage != "train" or args.dry_run is False else "", end="")
     return 0
 

@@ -5,9 +5,10 @@
 #      from each run's metrics.jsonl: the training loop only);
 #   2. the planning benchmark of both trees (td and the transformer at batch 1 on the checkpoints just trained,
 #      and the td-official and dd-reference rows at the official sizes with random weights).
-# Run it on an otherwise idle machine.   Usage: bash scripts/bench_cpu_vs_old.sh [flags for the new training run]
+# Run it on an otherwise idle machine.   Usage: bash scripts/speed/cpu_vs_old.sh [flags for the new training run]
 set -euo pipefail
-cd "$(dirname "$0")/.."
+case "${1:-}" in -h|--help) sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"; exit 0 ;; esac
+cd "$(dirname "$0")/../.."
 OLD=${OLD:-647e500}; STEPS=${STEPS:-600}; REPS=${REPS:-3}; THREADS=${THREADS:-2}; TMP=${TMP:-/tmp/td_bench_cpu}
 CPU=$(lscpu | sed -n 's/^Model name:[[:space:]]*//p' | head -1); [ -n "$CPU" ] || CPU=$(uname -m)
 echo "CPU: $CPU ($(nproc) cores available, $THREADS threads)"

@@ -2,8 +2,10 @@
 # Builds a venv with the ORIGINAL D4RL stack (gym 0.23.1 + mujoco-py 2.1.2.14 on the MuJoCo 2.1.0 binaries that the
 # free-mujoco-py wheel carries + d4rl 1.1 without its deps), to check the project against D4RL's own code:
 # its sequence splitting, its envs, its get_normalized_score. Locomotion only (Adroit needs mjrl, which is not on PyPI).
-# usage: scripts/legacy_d4rl_setup.sh VENV_DIR      then: source VENV_DIR/env.sh; python -c "import d4rl.gym_mujoco"
+# usage: bash scripts/legacy_d4rl/setup.sh VENV_DIR
+#   then: source VENV_DIR/env.sh; python -c "import d4rl.gym_mujoco"
 set -eu
+case "${1:-}" in -h|--help) sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"; exit 0 ;; esac
 V=$1
 command -v apt-get >/dev/null && { dpkg -s libosmesa6-dev >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq libosmesa6-dev libglew-dev patchelf >/dev/null; }; }
 python3 -m venv "$V"

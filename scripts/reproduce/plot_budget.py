@@ -1,6 +1,6 @@
-"""The budget study's picture and tables, from the JSON scripts/budget.sh writes into results/budget/.
+"""The budget study's picture and tables, from the JSON scripts/reproduce/budget.sh writes into results/budget/.
 
-    python scripts/plot_budget.py --results results/budget --datasets halfcheetah-medium-replay-sb3 --png docs/budget.png
+    python scripts/reproduce/plot_budget.py --results results/budget --datasets halfcheetah-medium-replay-sb3 --png docs/budget.png
 
 For every dataset, kept step and planner: the mean score of each training seed, then the mean and std across
 seeds. Prints a markdown table (also written to results/budget/summary.md) and draws score against training steps,
@@ -13,16 +13,14 @@ import argparse
 import glob
 import json
 import re
+import sys
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
-# The data's own references (datasets/README.md): mean, best source (or best episode), BC.
-REFERENCE = {
-    "halfcheetah-medium-replay-sb3": {"data mean": 24.2, "best source": 38.3, "BC": 2.2},
-    "halfcheetah-medium-sb3": {"data mean": 34.1, "best episode": 40.8, "BC": 39.4},
-}
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from sources import BUNDLED_REFERENCES as REFERENCE  # noqa: E402  the data's mean, best source or episode, BC
 PLANNERS = ["transformer", "td_k1", "td_k2", "td_k5", "diffusion"]
 LABEL = {"transformer": "transformer alone (k = 0)", "td_k1": "td, k = 1", "td_k2": "td, k = 2",
          "td_k5": "td, k = 5", "diffusion": "diffusion from noise (k = T)"}
@@ -42,7 +40,7 @@ def collect(results: Path) -> dict:
 
 
 def first_step_error(results: Path, env: str) -> dict:
-    """{step: {k: s1_mse}} from bench.py --diagnose on each kept copy of seed 0."""
+    """{step: {k: s1_mse}} from diagnose.py --diagnose on each kept copy of seed 0."""
     rows = {}
     for f in glob.glob(str(results / f"diagnose_{env}_step*.json")):
         step = int(re.search(r"step(\d+)\.json$", f).group(1))
@@ -83,7 +81,7 @@ def main() -> None:
         err = first_step_error(results, env)
         if err:
             ks = sorted({k for row in err.values() for k in row})
-            lines += ["", "First planned step's squared error against the data (seed 0, `bench.py --diagnose`):", "",
+            lines += ["", "First planned step's squared error against the data (seed 0, `diagnose.py --diagnose`):", "",
                       "| step | " + " | ".join(f"k = {k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
             lines += [f"| {s // 1000}k | " + " | ".join(f"{err[s].get(k, float('nan')):.4f}" for k in ks) + " |"
                       for s in sorted(err)]

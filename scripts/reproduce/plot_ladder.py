@@ -1,6 +1,6 @@
-"""The ladder's table and picture, from the JSON scripts/ladder.sh writes into results/ladder/.
+"""The ladder's table and picture, from the JSON scripts/reproduce/ladder.sh writes into results/ladder/.
 
-    python scripts/plot_ladder.py --results results/ladder --png docs/ladder.png --into README.md docs/results.md
+    python scripts/reproduce/plot_ladder.py --results results/ladder --png docs/ladder.png --into README.md docs/results.md
 
 For every rung and planner: the mean score of each training seed, then the mean and std across seeds. Prints a
 markdown table and what each rung moved against the one before it, measured against the spread across seeds
@@ -14,10 +14,14 @@ import argparse
 import glob
 import json
 import re
+import sys
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+import sources  # noqa: E402
 
 RUNGS = {
     0: "official (--method official)",
@@ -30,7 +34,7 @@ RUNGS = {
 }
 SHORT = {0: "official", 1: "+causal", 2: "+data", 3: "+noise", 4: "+denoiser", 5: "+condition", 6: "ours"}
 PLANNERS = {"transformer": "transformer alone", "td": "td (rung's k, w)", "diffusion": "diffusion from noise"}
-REFERENCE = {"data mean": 24.2, "best source": 38.3, "BC": 2.2}  # halfcheetah-medium-replay-sb3
+REFERENCE = sources.BUNDLED_REFERENCES["halfcheetah-medium-replay-sb3"]  # the ladder's file (ladder.sh ENV)
 
 
 def collect(results: Path) -> dict:

@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # The ladder: from the published method (--method official) to ours, one change per rung, each trained with
 # --preset cpu on the same data and scored on episode seeds 1000+ (2-core CPU: single-threaded jobs, two at a time).
-#   bash scripts/ladder.sh train [RUNGS]      # default RUNGS="0 1 2 4 5 6"; rung 3 plans with rung 2's checkpoints
-#   bash scripts/ladder.sh evaluate [RUNGS]   # transformer alone and td (20 episodes), diffusion from noise (10)
-#   PLANNERS="transformer td" SEEDS="1 2" ...   # score only these planners, train or score only these seeds
+#   bash scripts/reproduce/ladder.sh train [RUNGS]     # default RUNGS="0 1 2 4 5 6" (rung 3 plans with rung 2's
+#                                                      # checkpoints)
+#   bash scripts/reproduce/ladder.sh evaluate [RUNGS]  # transformer alone and td (20 episodes), diffusion from
+#                                                      # noise (10)
+#   PLANNERS="transformer td" SEEDS="1 2" ...          # score only these planners, train or score only these seeds
+# Then python scripts/reproduce/plot_ladder.py: the tables (into README.md and docs/results.md), docs/ladder.png.
 # Scores are written as JSON into results/ladder/, runs into runs/ladder/.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+case "${1:-}" in -h|--help) sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"; exit 0 ;; esac
+cd "$(dirname "$0")/../.."
 ENV=${ENV:-halfcheetah-medium-replay-sb3}; SEEDS=${SEEDS:-"0 1 2"}; JOBS=${JOBS:-2}; EP=${EP:-20}; DEP=${DEP:-10}
 OUT=${OUT:-results/ladder}; PLANNERS=${PLANNERS:-"transformer td diffusion"}  # which to score
 mkdir -p "$OUT" logs runs/ladder
@@ -44,5 +48,5 @@ evaluate)
     # decision on every rung (Decision Diffuser's baseline; 32 candidates from noise would cost 32 x 100 steps)
     [ "$r" -lt 4 ] || ! has diffusion || [ -f ${o}_diffusion.json ] || echo "$P --planner diffusion --n-candidates 1 --episodes $DEP --batch-envs $DEP --json ${o}_diffusion.json"
   done; done | xargs -P "$JOBS" -I{} sh -c '{} > /dev/null 2>&1' ;;
-*) echo "usage: $0 train|evaluate [RUNGS]"; exit 2 ;;
+*) echo "usage: $0 train|evaluate [RUNGS] (--help)"; exit 2 ;;
 esac

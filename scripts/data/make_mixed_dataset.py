@@ -4,7 +4,7 @@ The behaviour policies are a behaviour-cloning MLP (2 x 256, trained here on the
 halfcheetah-medium-sb3 data) executed with Gaussian action noise of several sizes, plus a uniform random
 policy: a spread from about medium quality down to random, as in D4RL's medium-replay and mixed files.
 
-    python scripts/make_mixed_dataset.py --out datasets/halfcheetah-mixed-bc.hdf5
+    python scripts/data/make_mixed_dataset.py --out datasets/halfcheetah-mixed-bc.hdf5
     python train.py --env halfcheetah-medium-sb3 --dataset datasets/halfcheetah-mixed-bc.hdf5 --out runs/mixed
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 import data as D  # noqa: E402
 import sources  # noqa: E402
 

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The budget study: one 40k-step run per seed, planning-only copies kept along the way, every planner scored at
 # every kept step. 2-core CPU protocol: each process single-threaded, at most two at a time.
-#   bash scripts/budget.sh train      # SEEDS x DATASETS, 40k steps, lr decaying over the whole run
-#   bash scripts/budget.sh evaluate   # transformer, td k=1, td k=5, td k=KBEST, diffusion from noise, seeds 1000+
-#   bash scripts/budget.sh diagnose   # bench.py --diagnose on each kept copy of seed 0
-#   bash scripts/budget.sh plot       # docs/budget.png and results/budget/summary.json
+#   bash scripts/reproduce/budget.sh train     # SEEDS x DATASETS, 40k steps, lr decaying over the whole run
+#   bash scripts/reproduce/budget.sh evaluate  # transformer, td k=1, 5 and KBEST, diffusion from noise, seeds 1000+
+#   bash scripts/reproduce/budget.sh diagnose  # diagnose.py --diagnose on each kept copy of seed 0
+#   bash scripts/reproduce/budget.sh plot      # docs/budget.png, results/budget/summary.{md,json}
 # Scores are written as JSON into results/budget/, runs into runs/budget/.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+case "${1:-}" in -h|--help) sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"; exit 0 ;; esac
+cd "$(dirname "$0")/../.."
 OUT=${OUT:-results/budget}; EP=${EP:-20}; DEP=${DEP:-10}; STEPS=${STEPS:-40000}
 KEEP=${KEEP:-5000,10000,20000,40000}; KBEST=${KBEST:-2}
 DIFF_STEPS=${DIFF_STEPS:-${KEEP//,/ }}  # steps where diffusion from noise is scored (each run costs ~8 CPU-minutes)
@@ -32,9 +33,9 @@ evaluate)
   done; done; done | xargs -P "$JOBS" -I{} sh -c '{} > /dev/null' ;;
 diagnose)
   for e in $DATASETS; do for step in ${KEEP//,/ }; do
-    python bench.py --threads 1 --checkpoint runs/budget/$e-s0/keep/step$step.pt --diagnose $OUT/diagnose_${e}_step$step.png --ks 1,2,5,10,20
+    python diagnose.py --threads 1 --checkpoint runs/budget/$e-s0/keep/step$step.pt --diagnose $OUT/diagnose_${e}_step$step.png --ks 1,2,5,10,20
   done; done ;;
 plot)
-  python scripts/plot_budget.py --results "$OUT" --datasets $DATASETS --png docs/budget.png ;;
-*) echo "usage: $0 train|evaluate|diagnose|plot"; exit 2 ;;
+  python scripts/reproduce/plot_budget.py --results "$OUT" --datasets $DATASETS --png docs/budget.png ;;
+*) echo "usage: $0 train|evaluate|diagnose|plot (--help)"; exit 2 ;;
 esac

@@ -1,6 +1,6 @@
 """Refinement at work: the Transformer's plan, the plan refined from level k, and the future the data recorded.
 
-    python scripts/plot_refinement.py --checkpoint checkpoints/halfcheetah-medium-sb3/checkpoint.pt --png docs/refinement.png
+    python scripts/reproduce/plot_refinement.py --checkpoint checkpoints/halfcheetah-medium-sb3/checkpoint.pt --png docs/refinement.png
 
 For one recorded episode of the checkpoint's own dataset and a few decision points t, the Transformer reads
 the episode's recorded history (the last C states and returns-to-go up to t), rolls out H - 1 states, and the
@@ -10,7 +10,7 @@ refined plans (mean over noise draws, with the 10-90% band of the draws).
 
 The numbers behind the picture go to a JSON file beside the PNG: over many random dataset windows, the mean
 squared error (normalized state units) of each plan against the recorded future, per k, for
-  - "own": the denoiser conditioned on the window's own discounted return-to-go (as bench.py --diagnose does);
+  - "own": the denoiser conditioned on the window's own discounted return-to-go (as diagnose.py --diagnose does);
   - "planner": conditioned on the planner's fixed target cfg.cond_target (what Planner.decide uses);
 plus the error of the action inverse dynamics reads off each plan against the recorded action.
 The windows come from the data the checkpoint was trained on: this measures fit, not generalization.
@@ -22,7 +22,7 @@ import json
 import pathlib
 import sys
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 import matplotlib  # noqa: E402

@@ -6,7 +6,7 @@ told apart. The rows: the transformer alone and td (k = 1) on a checkpoint, and 
 32 candidates, random weights; timing only). --compile adds the transformer's rollout through torch.compile
 (inductor fuses our hand-written code; compiling takes about a minute per history length on a CPU).
 Run it on an otherwise idle machine:
-    python scripts/profile_planning.py [--checkpoint PATH] [--threads 2] [--compile]
+    python scripts/speed/profile_planning.py [--checkpoint PATH] [--threads 2] [--compile]
 """
 import argparse
 import pathlib
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.profiler import profile
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 from bench import reference_planner  # noqa: E402
 from plan import Planner  # noqa: E402
 

@@ -2,25 +2,27 @@
 # Two regressions, settled by measurement: today's training step against an earlier commit's, trained and scored
 # side by side on this machine (2-core CPU protocol: single-threaded processes, JOBS at a time). Each commit trains
 # and plans with its own code (a git worktree under .regress/); scores are on episode seeds 1000+.
-#   bash scripts/regressions.sh failed   # halfcheetah-medium-sb3, SEEDS x ARMS, 20 episodes per seed; episodes
-#                                        # below 35 counted by `summary`. The arms: c6fd4ede (the earlier step),
-#                                        # today (974766d, the step the failures were reported on), mkl (974766d
-#                                        # with every fp32 product through MKL instead of oneDNN: a one-line patch
-#                                        # applied in its worktree), c802b222 (the transformer's softmax and
-#                                        # dropout written out). td and transformer, mkl transformer alone.
-#   bash scripts/regressions.sh hopper   # hopper-medium-sb3 under the D4RL name hopper-medium-v2, the way a user
-#                                        # brings a file: 647e500 with the CPU recipe by hand against --preset cpu;
-#                                        # transformer alone, 3 seeds, 20 episodes per seed
-#   bash scripts/regressions.sh summary  # per-seed means, mean ± std across seeds, failed-episode counts, and an
-#                                        # exact permutation test over training seeds of the failure counts
+#   bash scripts/reproduce/regressions.sh failed   # halfcheetah-medium-sb3, SEEDS x ARMS, 20 episodes per seed;
+#       episodes below 35 counted by `summary`. The arms: c6fd4ede (the earlier step), today (974766d, the step the
+#       failures were reported on), c802b222 (the transformer's softmax and dropout written out), each td and the
+#       transformer alone; and, with ARMS=c52cc0fd-mkl, the current step with every fp32 product through MKL
+#       instead of oneDNN: commit 52cc0fd (802b222's step, plus the flag) trained with --no-onednn, the transformer
+#       alone. The recorded `mkl` arm (974766d with that setting) was made by patching a copy of machine.py,
+#       before the flag existed; no script edits code, so it is not rerun here (git log -- results/regressions).
+#   bash scripts/reproduce/regressions.sh hopper   # hopper-medium-sb3 under the D4RL name hopper-medium-v2, the
+#       way a user brings a file: 647e500 with the CPU recipe by hand against --preset cpu; transformer alone, 3
+#       seeds, 20 episodes per seed
+#   bash scripts/reproduce/regressions.sh summary  # per-seed means, mean ± std across seeds, failed-episode counts,
+#       and an exact permutation test over training seeds of the failure counts
 # PRINT=1 lists the jobs instead of running them.
 # JSON into results/regressions/, runs into runs/regressions/.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+case "${1:-}" in -h|--help) sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"; exit 0 ;; esac
+cd "$(dirname "$0")/../.."
 ROOT=$PWD; OUT=${OUT:-results/regressions}; EP=${EP:-20}; JOBS=${JOBS:-2}
 mkdir -p "$OUT" logs runs/regressions .regress
 worktree() {  # the code of commit $1, checked out once under .regress/$1 (the datasets come from this checkout)
-  [ -d ".regress/$1" ] || git worktree add --detach ".regress/$1" "$1" > /dev/null
+  [ -d ".regress/$1" ] || [ -n "${PRINT:-}" ] || git worktree add --detach ".regress/$1" "$1" > /dev/null
   echo "$ROOT/.regress/$1"
 }
 # 647e500 had no --preset: the CPU recipe as that commit's bundled row spelled it, given by hand.
@@ -43,17 +45,15 @@ job() {
 # "today" is this checkout's HEAD, frozen in a worktree too, so that the checkout can change while jobs run.
 case "${1:-}" in
 failed)
-  if [ ! -d .regress/mkl ]; then  # 974766d, its products forced to MKL: the start-up line says "fp32 (MKL)"
-    git worktree add --detach .regress/mkl 974766d > /dev/null
-    sed -i 's/^    if not (onednn or reduced):/    onednn = False  # A\/B patch: MKL for every product\n&/' .regress/mkl/machine.py
-  fi
   for s in ${SEEDS:-0 1 2 3 4 5 6 7}; do
-    for arm in ${ARMS:-c6fd4ede today mkl c802b222}; do
+    for arm in ${ARMS:-c6fd4ede today c802b222}; do
       case $arm in
         c6fd4ede) job c6fd4ede "$(worktree 6fd4ede)" "$s" "--env halfcheetah-medium-sb3" "transformer td" ;;
         today) job today "$(worktree 974766d)" "$s" "--env halfcheetah-medium-sb3" "transformer td" ;;
-        mkl) job mkl "$ROOT/.regress/mkl" "$s" "--env halfcheetah-medium-sb3" "transformer" ;;
         c802b222) job c802b222 "$(worktree 802b222)" "$s" "--env halfcheetah-medium-sb3" "transformer td" ;;
+        # the start-up line says "matmul: fp32 (MKL)"
+        c52cc0fd-mkl) job c52cc0fd-mkl "$(worktree 52cc0fd)" "$s" "--env halfcheetah-medium-sb3 --no-onednn" "transformer" ;;
+        *) echo "unknown arm $arm (c6fd4ede, today, c802b222, c52cc0fd-mkl)" >&2; exit 2 ;;
       esac
     done
   done | run_jobs ;;
@@ -101,12 +101,14 @@ for planner in sorted({p for _, p in runs}):
         print(f"{planner}: failed episodes per seed, {a} {fa} against {b} {fb}: permutation p = {p:.2f} "
               f"({len(splits)} splits)")
 # The arms grouped by the path their training's fp32 products took: oneDNN's AVX-512 kernels (974766d's default on
-# this CPU, and 802b222's) or MKL's (6fd4ede predates the oneDNN path; `mkl` is 974766d patched). Too many splits to
-# enumerate, so 200,000 random ones (seeded): the p-value's Monte Carlo error is about 0.001.
+# this CPU, and 802b222's) or MKL's (6fd4ede predates the oneDNN path; the recorded `mkl` is 974766d with MKL
+# products, `c52cc0fd-mkl` 802b222's step with --no-onednn). Too many splits to enumerate, so 200,000 random ones
+# (seeded): the p-value's Monte Carlo error is about 0.001.
 # The grouping was proposed after seeds 0-3 of `today` and `mkl`, so it is also tested on the seeds trained after
-# that (`today` and `mkl` 4-7, `c6fd4ede` 4-7, every `c802b222` seed): a test the hypothesis did not shape.
-PATHS = {"oneDNN": ("today", "c802b222"), "MKL": ("c6fd4ede", "mkl")}
-LATER = lambda code, seed: code == "c802b222" or seed >= 4
+# that (`today` and `mkl` 4-7, `c6fd4ede` 4-7, every `c802b222` and `c52cc0fd-mkl` seed): a test the hypothesis did
+# not shape.
+PATHS = {"oneDNN": ("today", "c802b222"), "MKL": ("c6fd4ede", "mkl", "c52cc0fd-mkl")}
+LATER = lambda code, seed: code in ("c802b222", "c52cc0fd-mkl") or seed >= 4
 for planner in sorted({p for _, p in runs}):
     for label, keep in (("all seeds", lambda c, s: True), ("seeds trained after the grouping was proposed", LATER)):
         groups = {path: [failures(v) for c in codes if (c, planner) in runs
@@ -123,5 +125,5 @@ for planner in sorted({p for _, p in runs}):
               f"against MKL {sum(fb)} of {20 * len(fb)} ({len(fb)} seeds): permutation p = {p:.3f} (200,000 random splits)")
 EOF
   ;;
-*) echo "usage: $0 failed|hopper|summary"; exit 2 ;;
+*) echo "usage: $0 failed|hopper|summary (--help)"; exit 2 ;;
 esac

@@ -5,12 +5,12 @@ environments through D4RL's own code (d4rl 1.1, gym 0.23.1, mujoco-py 2.1.2.14 o
 prints what envs.py and test_all.py hold, then replays the same inputs on this project's environments. The first
 three modes run in the legacy stack, the last in the project's environment:
 
-    bash scripts/legacy_d4rl_setup.sh /tmp/legacy && source /tmp/legacy/env.sh   # about 90 s
-    python scripts/legacy_reference.py table              # compiled body masses, inertias, frames (envs.py)
-    python scripts/legacy_reference.py steps              # the reference cases of test_all.py
-    python scripts/legacy_reference.py episodes OUT.npz --data datasets/halfcheetah-medium-sb3.hdf5 [more.hdf5]
+    bash scripts/legacy_d4rl/setup.sh /tmp/legacy && source /tmp/legacy/env.sh   # about 90 s
+    python scripts/legacy_d4rl/reference.py table              # compiled body masses, inertias, frames (envs.py)
+    python scripts/legacy_d4rl/reference.py steps              # the reference cases of test_all.py
+    python scripts/legacy_d4rl/reference.py episodes OUT.npz --data datasets/halfcheetah-medium-sb3.hdf5 [more.hdf5]
     deactivate
-    python scripts/legacy_reference.py compare OUT.npz    # replay OUT.npz on MuJoCo 3, today's and legacy dynamics
+    python scripts/legacy_d4rl/reference.py compare OUT.npz    # replay OUT.npz on MuJoCo 3, today's and legacy dynamics
 
 `steps` runs the STEPS cases below (in the air, at joint limits, landing on the floor) from fixed states with
 fixed actions and prints inputs and outputs as Python literals. `episodes` runs whole episodes (1000 steps or
@@ -218,7 +218,7 @@ def record_episodes(path, files):
 
 def compare(path):
     """Model fields that differ, then each saved episode replayed with today's and with legacy dynamics."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     import data
 
     ref = np.load(path)

@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
-# Every GPU number of the README's Speed section, as one script (about 9 minutes on an H100):
+# Every GPU number of docs/speed.md's GPU tables, as one script (about 9 minutes on an H100):
 #   1. training throughput at the official sizes, batch 32: eager (300 steps), CUDA-graph replay and
 #      torch.compile + CUDA-graph replay (2500 steps each, it/s logged in metrics.jsonl);
 #   2. the planning benchmark: every planner on the trained checkpoint, eager; then the td-official and
 #      dd-reference rows eager and fast (torch.compile + CUDA graphs) side by side in one run, with the kernels
 #      each decision launches (torch.profiler).
-# Usage: OUT=results/gpu bash scripts/gpu_speed.sh   (VARIANTS="graph compiled", BENCH=0 or BENCH=eager run a
+# Usage: OUT=results/speed/gpu bash scripts/speed/gpu.sh   (VARIANTS="graph compiled", BENCH=0 or BENCH=eager run a
 # part; each step has its own timeout, and one failing goes on)
 set -uo pipefail
-cd "$(dirname "$0")/.."
-OUT=${OUT:-results/gpu}; mkdir -p "$OUT"; RUN=${RUN:-/tmp/td_official}; STEPS=${STEPS:-2500}
+case "${1:-}" in -h|--help) sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"; exit 0 ;; esac
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-results/speed/gpu}; mkdir -p "$OUT"; RUN=${RUN:-/tmp/td_official}; STEPS=${STEPS:-2500}
 VARIANTS=${VARIANTS:-"eager graph compiled"}; BENCH=${BENCH:-1}
 OFFICIAL="--env halfcheetah-medium-sb3 --preset= --target-return 0 --device cuda --batch-size 32 --eval-episodes 0
   --save-every 100000 --log-every 100"
