@@ -46,7 +46,7 @@ def ckpt(env: str, seed: int) -> Path:
 def prop(n: int, k: int) -> str:
     """Flags of dropout proposals: n candidates, refined at k (k = 0: the transformer's), the critic's argmax."""
     planner = "transformer" if k == 0 else f"td --refine-steps {k}"
-    return f"--planner {planner} --proposals dropout --n-candidates {n} --critic-temperature 0"
+    return f"--planner {planner} --proposals dropout --n-candidates {n} --critic-temperature 0 --temperature 1"
 
 
 def select_runs() -> dict[str, str]:
@@ -67,11 +67,13 @@ def mean_score(env: str, name: str, stage: str) -> float | None:
 def chosen(env: str = HCMR) -> dict:
     """The settings chosen on seeds 100+: td's alpha (best mean of k = 1 and 5) and the proposals' k."""
     alpha = {a: [mean_score(env, f"td_k{k}_a{a:g}", "select") for k in (1, 5)] for a in ALPHAS}
+    k = {k: mean_score(env, f"prop8_k{k}", "select") for k in PROPOSAL_KS}
     if any(v is None for vs in alpha.values() for v in vs):
         raise SystemExit("the select stage is not complete: python scripts/optimizer_study.py select")
-    k = {k: mean_score(env, f"prop8_k{k}", "select") for k in PROPOSAL_KS}
+    # the proposals' k is None until its runs are complete: report then runs every other row first
     return {"alpha": max(ALPHAS, key=lambda a: (statistics.mean(alpha[a]), a == 1.0)),
-            "proposal_k": max(k, key=lambda kk: k[kk]), "alpha_scores": alpha, "proposal_scores": k}
+            "proposal_k": None if None in k.values() else max(k, key=lambda kk: k[kk]),
+            "alpha_scores": alpha, "proposal_scores": k}
 
 
 def report_runs(env: str) -> dict[str, tuple[str, int]]:
@@ -81,13 +83,18 @@ def report_runs(env: str) -> dict[str, tuple[str, int]]:
 
 
 def report_flags(env: str, alpha: float, k: int) -> dict[str, tuple[str, int]]:
-    runs = {"transformer": ("--planner transformer", 20), "td": ("--planner td", 20), f"prop32_k{k}": (prop(32, k), 20)}
+    # every setting explicit: a checkpoint's own config (or a later default) must not change what a row means
+    runs = {"transformer": ("--planner transformer", 20), "td": ("--planner td --temperature 1", 20)}
+    if k is not None:
+        runs[f"prop32_k{k}"] = (prop(32, k), 20)
+    if alpha != 1.0:
+        runs[f"td_a{alpha:g}"] = (f"--planner td --temperature {alpha}", 20)
     if env == HCMR:
-        if alpha != 1.0:
-            runs[f"td_a{alpha:g}"] = (f"--planner td --temperature {alpha}", 20)
-        runs[f"prop8_k{k}"] = (prop(8, k), 20)
-        for w in GUIDANCE_FROM_NOISE:  # Decision Diffuser's sampler at its alpha = 0.5, and at DDPM's alpha = 1
-            runs[f"dd_a0.5_w{w:g}"] = (f"--planner diffusion --sample-temperature 0.5 --guidance {w}", 10)
+        if k is not None:
+            runs[f"prop8_k{k}"] = (prop(8, k), 20)
+        for w in GUIDANCE_FROM_NOISE:  # Decision Diffuser's sampler at its alpha = 0.5 (w = 1.2: 10 episodes a seed,
+            # the larger w: 5, as the probe that asked for them), and at DDPM's alpha = 1
+            runs[f"dd_a0.5_w{w:g}"] = (f"--planner diffusion --sample-temperature 0.5 --guidance {w}", 10 if w == 1.2 else 5)
     else:  # hopper: Decision Diffuser's sampler at the row's w, both temperatures
         runs["dd_a0.5_w1.2"] = ("--planner diffusion --sample-temperature 0.5 --guidance 1.2", 10)
     runs["dd_a1_w1.2"] = ("--planner diffusion --sample-temperature 1 --guidance 1.2", 10)
@@ -103,9 +110,9 @@ def load(env, seed, name, stage):
     return json.loads(p.read_text()) if p.is_file() else None
 
 
-def commands(stage: str, seeds=SEEDS) -> list[str]:
+def commands(stage: str, seeds=SEEDS, envs=(HCMR, HOPPER)) -> list[str]:
     cmds = []
-    envs = (HCMR,) if stage == "select" else (HCMR, HOPPER)
+    envs = (HCMR,) if stage == "select" else envs
     for env in envs:
         runs = ({n: (f, 10) for n, f in select_runs().items()} if stage == "select" else report_runs(env))
         seed0 = 100 if stage == "select" else 1000
@@ -117,6 +124,11 @@ def commands(stage: str, seeds=SEEDS) -> list[str]:
                     continue
                 cmds.append(f"python plan.py --threads 1 --checkpoint {c.relative_to(ROOT)} {flags} --seed {seed0} "
                             f"--episodes {episodes} --batch-envs {episodes} --json {out.relative_to(ROOT)}")
+            # the guidance signal beside the from-noise scores: rms(eps_c - eps_u) / rms(eps_c) per t, on real windows
+            png = OUT / stage / f"diagnose_{env}_s{s}.png"
+            if stage == "report" and env == HCMR and not png.with_suffix(".json").is_file():
+                cmds.append(f"python diagnose.py --threads 1 --checkpoint {c.relative_to(ROOT)} "
+                            f"--diagnose {png.relative_to(ROOT)}")
     return cmds
 
 
@@ -161,10 +173,11 @@ def timing(decisions: int) -> dict:
     from plan import Planner
     torch.set_num_threads(1)
     c = chosen()
-    settings = {"transformer": dict(planner="transformer"), "td": dict(planner="td"),
+    settings = {"transformer": dict(planner="transformer"), "td": dict(planner="td", temperature=1.0),
+                f"td_a{c['alpha']:g}": dict(planner="td", temperature=c["alpha"]),
                 f"prop32_k{c['proposal_k']}": dict(planner="td" if c["proposal_k"] else "transformer",
                                                    refine_steps=c["proposal_k"] or None, proposals="dropout",
-                                                   n_candidates=32, critic_temperature=0.0),
+                                                   n_candidates=32, critic_temperature=0.0, temperature=1.0),
                 "dd_a0.5_w1.2": dict(planner="diffusion", sample_temperature=0.5)}
     rows = {}
     for env in (HCMR, HOPPER):
@@ -279,13 +292,15 @@ def main(argv=None) -> int:
     p.add_argument("--dry-run", action="store_true", help="print the commands that are still to run, run none")
     p.add_argument("--decisions", type=int, default=200, help="timing: decisions timed per planner")
     p.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="select/report: only these training seeds")
+    p.add_argument("--envs", default=f"{HCMR},{HOPPER}", help="report: only these datasets")
     args = p.parse_args(argv)
     (OUT / "select").mkdir(parents=True, exist_ok=True)
     (OUT / "report").mkdir(parents=True, exist_ok=True)
     if args.stage == "train":
         run_all(train_commands(), args.jobs, args.dry_run)
     elif args.stage in ("select", "report"):
-        run_all(commands(args.stage, [int(s) for s in args.seeds.split(",")]), args.jobs, args.dry_run)
+        run_all(commands(args.stage, [int(s) for s in args.seeds.split(",")], args.envs.split(",")), args.jobs,
+                args.dry_run)
     elif args.stage == "timing":
         timing(args.decisions)
     elif args.stage == "summary" and load(HCMR, 0, "td", "report"):
