@@ -8,6 +8,7 @@ every planner scored on the same networks:
     python scripts/optimizer_study.py select              # episode seeds 100+: choose td's alpha and the proposals' k
     python scripts/optimizer_study.py report              # episode seeds 1000+: the reported scores
     python scripts/optimizer_study.py timing              # ms per decision, one process, nothing else running
+    python scripts/optimizer_study.py guidance            # rms(eps_c - eps_u) on real windows, per seed and t
     python scripts/optimizer_study.py summary             # the tables (markdown) from results/optimizer/*.json
     python scripts/optimizer_study.py select --dry-run    # print the commands only
 
@@ -124,11 +125,6 @@ def commands(stage: str, seeds=SEEDS, envs=(HCMR, HOPPER)) -> list[str]:
                     continue
                 cmds.append(f"python plan.py --threads 1 --checkpoint {c.relative_to(ROOT)} {flags} --seed {seed0} "
                             f"--episodes {episodes} --batch-envs {episodes} --json {out.relative_to(ROOT)}")
-            # the guidance signal beside the from-noise scores: rms(eps_c - eps_u) / rms(eps_c) per t, on real windows
-            png = OUT / stage / f"diagnose_{env}_s{s}.png"
-            if stage == "report" and env == HCMR and not png.with_suffix(".json").is_file():
-                cmds.append(f"python diagnose.py --threads 1 --checkpoint {c.relative_to(ROOT)} "
-                            f"--diagnose {png.relative_to(ROOT)}")
     return cmds
 
 
@@ -194,6 +190,41 @@ def timing(decisions: int) -> dict:
     return out
 
 
+@__import__("torch").no_grad()
+def guidance_signal(env: str = HCMR, n_windows: int = 512, ts=(10, 50, 90)) -> dict:
+    """How much the condition changes the denoiser's prediction, per training seed: rms(eps_c - eps_u) and its ratio
+    to rms(eps_c), on real windows of the data noised to timestep t, conditioned on the target the planner asks for
+    (cond_target 1: the data's best discounted return). Guidance w scales exactly this gap: eps_u + w (eps_c - eps_u)."""
+    import torch
+    import data as D
+    from config import load_checkpoint
+    from plan import Planner
+    torch.set_num_threads(1)
+    rows = {}
+    for seed in SEEDS:
+        planner = Planner.from_checkpoint(ckpt(env, seed), device="cpu")
+        den, cfg = planner.denoiser, planner.cfg
+        run = load_checkpoint(ckpt(env, seed))["config"]
+        d = D.load(env, run["dataset"] or None, rtg_scale=cfg.rtg_scale, discount=run["discount"],
+                   cond_discount=run["cond_discount"], download=False)
+        d.normalizer = planner.normalizer
+        batch = D.WindowSampler(d, cfg.horizon).sample(n_windows, torch.Generator().manual_seed(0))
+        x0 = batch["states"]                                                  # (B, H, S)
+        B = x0.shape[0]
+        cond = torch.full((B, 1), float(cfg.cond_target))
+        torch.manual_seed(0)
+        for t in ts:
+            tt = torch.full((B,), t, dtype=torch.long)
+            x_t = den.q_sample(x0, tt)
+            x_t[:, 0] = x0[:, 0]
+            eps = [den.eps_from_output(x_t, tt, den.model(x_t, tt, cond, torch.full((B,), u)))[:, 1:] for u in (1., 0.)]
+            gap, size = float((eps[0] - eps[1]).pow(2).mean().sqrt()), float(eps[0].pow(2).mean().sqrt())
+            rows[f"s{seed}_t{t}"] = {"rms_gap": gap, "ratio": gap / size}
+            print(f"seed {seed} t {t:3d}: rms(eps_c - eps_u) {gap:.4f}, / rms(eps_c) {gap / size:.4f}", flush=True)
+    (OUT / "guidance_signal.json").write_text(json.dumps(rows, indent=1))
+    return rows
+
+
 def fmt(vals: list[float]) -> str:
     return f"{statistics.mean(vals):.1f} ± {statistics.pstdev(vals):.1f}" if len(vals) > 1 else f"{vals[0]:.1f}"
 
@@ -243,9 +274,9 @@ def plot(png: Path) -> None:
     envs = [e for e in (HCMR, HOPPER) if load(e, 0, "td", "report")]
     fig, axes = plt.subplots(1, len(envs), figsize=(7 * len(envs), 4.6), squeeze=False)
     for ax, env in zip(axes[0], envs):
-        names = [n for n in report_runs(env) if all(load(env, s, n, "report") for s in SEEDS)]
+        names = [n for n in report_runs(env) if any(load(env, s, n, "report") for s in SEEDS)]
         for i, name in enumerate(names):
-            scores = [load(env, s, name, "report")["normalized_score_mean"] for s in SEEDS]
+            scores = [r["normalized_score_mean"] for r in (load(env, s, name, "report") for s in SEEDS) if r]
             ax.barh(i, statistics.mean(scores), color="C0" if name.startswith(("td", "prop")) else
                     "C1" if name.startswith("dd") else "C7", alpha=0.6)
             ax.plot(scores, [i] * len(scores), "k.", ms=6)
@@ -257,7 +288,8 @@ def plot(png: Path) -> None:
         for j, (ref, v) in enumerate(sources.BUNDLED_REFERENCES.get(env, {}).items()):
             ax.axvline(v, color=f"C{j + 2}", ls="--", lw=1, label=f"{ref} {v}")
         ax.set_xlabel("D4RL normalized score (episode seeds 1000+; dots: training seeds)")
-        ax.set_title(env, fontsize=10)
+        n_seeds = max(sum(bool(load(env, s, n, "report")) for s in SEEDS) for n in names)
+        ax.set_title(f"{env} ({n_seeds} training seed{'s' if n_seeds > 1 else ''})", fontsize=10)
         ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(png, dpi=110)
@@ -287,7 +319,7 @@ def summary() -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("stage", choices=["train", "select", "report", "timing", "summary"])
+    p.add_argument("stage", choices=["train", "select", "report", "timing", "guidance", "summary"])
     p.add_argument("--jobs", type=int, default=2, help="processes at a time, one thread each (default 2 = the cores)")
     p.add_argument("--dry-run", action="store_true", help="print the commands that are still to run, run none")
     p.add_argument("--decisions", type=int, default=200, help="timing: decisions timed per planner")
@@ -303,6 +335,8 @@ def main(argv=None) -> int:
                 args.dry_run)
     elif args.stage == "timing":
         timing(args.decisions)
+    elif args.stage == "guidance":
+        guidance_signal()
     elif args.stage == "summary" and load(HCMR, 0, "td", "report"):
         plot(ROOT / "docs" / "optimizer.png")
     print(summary() if args.stage != "train" or args.dry_run is False else "", end="")

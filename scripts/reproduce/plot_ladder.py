@@ -1,6 +1,6 @@
 """The ladder's table and picture, from the JSON scripts/reproduce/ladder.sh writes into results/ladder/.
 
-    python scripts/reproduce/plot_ladder.py --results results/ladder --png docs/ladder.png --into README.md docs/results.md
+    python scripts/reproduce/plot_ladder.py --results results/ladder --png docs/ladder.png --into docs/results.md
 
 For every rung and planner: the mean score of each training seed, then the mean and std across seeds. Prints a
 markdown table and what each rung moved against the one before it, measured against the spread across seeds
@@ -53,7 +53,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--results", default="results/ladder")
     p.add_argument("--png", default="docs/ladder.png")
-    p.add_argument("--into", nargs="*", default=["README.md", "docs/results.md"],
+    p.add_argument("--into", nargs="*", default=["docs/results.md"],
                    help="pages whose <!-- ladder: scores|moves --> ... <!-- /ladder --> blocks get the tables")
     args = p.parse_args()
     results = Path(args.results)
@@ -77,7 +77,10 @@ def main() -> None:
                                          "episodes_below_30": int(sum((np.array(v["normalized_scores"]) < 30).sum()
                                                                       for v in runs.values())),
                                          "episodes": int(sum(len(v["normalized_scores"]) for v in runs.values()))}
-            cells.append(f"{means.mean():.1f} ± {means.std():.1f} ({len(runs)}x{'/'.join(map(str, eps))})")
+            # from noise: its temperature alpha (runs scored before the setting existed sampled at alpha = 1)
+            alpha = ("" if planner != "diffusion" else
+                     ", α = " + "/".join(sorted({f"{v.get('temperature', 1.0):g}" for v in runs.values()})))
+            cells.append(f"{means.mean():.1f} ± {means.std():.1f} ({len(runs)}x{'/'.join(map(str, eps))}{alpha})")
             if planner == "td":
                 v = next(iter(runs.values()))
                 setting = f"k = {v['k']}, w = {v['guidance']}, {v['candidates']}"

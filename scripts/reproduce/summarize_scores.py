@@ -30,7 +30,7 @@ def label(r: dict) -> str:
     if r["planner"] == "transformer":
         return "transformer alone (k = 0)"
     if r["planner"] == "diffusion":
-        return f"diffusion from noise (T = {r['k']}, w = {r['guidance']:g})"
+        return f"diffusion from noise (T = {r['k']}, w = {r['guidance']:g}, α = {r.get('temperature', 1.0):g})"
     extra = f", {r['candidates']} candidates" if r.get("candidates", 1) > 1 else ""
     return f"td (k = {r['k']}, w = {r['guidance']:g}{extra})"
 
