@@ -248,18 +248,19 @@ def table(env: str, stage: str, names: list[str]) -> str:
     return "\n".join(lines)
 
 
-LABELS = {"transformer": "transformer alone", "td": "td (default: k = 1, alpha = 1)", "dd_a0.5_w1.2": "DD's sampler "
-          "(from noise, alpha = 0.5)", "dd_a1_w1.2": "from noise, alpha = 1"}
+LABELS = {"transformer": "transformer alone", "td": "td, k = 1, alpha = 1 (the official temperature)",
+          "td_a0": "td, k = 1, alpha = 0 (the default)", "dd_a0.5_w1.2": "DD's sampler (from noise, alpha = 0.5, w = 1.2)",
+          "dd_a1_w1.2": "from noise, alpha = 1"}
 
 
 def label(name: str) -> str:
     if name.startswith("prop"):
         n, k = name[4:].split("_k")
         return f"dropout proposals: {n} candidates, k = {k}, critic"
-    if name.startswith("td_a"):
+    if name.startswith("td_a") and name not in LABELS:
         return f"td, alpha = {name[4:]}"
     if name.startswith("dd_a0.5_w") and name != "dd_a0.5_w1.2":
-        return f"DD's sampler, w = {name[9:]}"
+        return f"DD's sampler, w = {name[9:]}"  # alpha = 0.5
     return LABELS.get(name, name)
 
 
