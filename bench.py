@@ -24,6 +24,7 @@ import torch
 import data as D
 from machine import pick_device, set_matmul_precision, set_threads, use_compile, use_cuda_graphs
 from config import PlanConfig, build_networks
+from fast import apply as use_fast_paths
 from plan import Planner, add_planner_flags, evaluate, evaluate_cli, format_result
 from plots import plot_sweep
 
@@ -100,7 +101,7 @@ def check_cuda_graph(ckpt_path, device: str) -> float:
     return worst
 
 
-def reference_planner(kind: str, device, scale: str, n_candidates: int) -> Planner:
+def reference_planner(kind: str, device, scale: str, n_candidates: int, fast: bool = True) -> Planner:
     """Random-weight planners at published sizes, for timing only.
     td-official: the official halfcheetah configuration (H=8, k=5, w=1.1, 32 candidates with the critic, U-Net
     dim 64 (1,2,4,8), transformer 4 layers of width 512). dd-reference: Decision Diffuser's inference
@@ -122,58 +123,69 @@ def reference_planner(kind: str, device, scale: str, n_candidates: int) -> Plann
     cfg = PlanConfig(horizon=H, context=H - 1, refine_steps=5, guidance=1.1, n_candidates=n_candidates)
     torch.manual_seed(0)
     nets = {k: v.to(device) for k, v in build_networks(model_args).items()}
+    if fast:  # fast.py's CPU modules
+        nets = {k: use_fast_paths(v) for k, v in nets.items()}
     norm = D.Normalizer(np.zeros(S, np.float32), np.ones(S, np.float32))
     return Planner(cfg, nets, norm, device, planner=planner)
 
 
 def benchmark(ckpt_path, device: str, decisions: int, ref_decisions: int, ks=(1, 2, 5, 10, 20),
               batches=(1, 10), reference_scale: str = "full", cuda_graph: bool = False, compile: bool = False,
-              reference_only: bool = False) -> dict:
+              reference_only: bool = False, fast: bool = True) -> dict:
     dev = pick_device(device)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{dev.type} ({torch.get_num_threads()} threads)"
     print(f"device: {name}   torch {torch.__version__}   cuda graphs: {'on' if cuda_graph else 'off'}   "
-          f"compile: {'on' if compile else 'off'}")
+          f"compile: {'on' if compile else 'off'}   fast.py modules: {'on' if fast else 'off'}")
     rows = []
     if cuda_graph:
         check_cuda_graph(ckpt_path, device)
 
-    def add(label, planner, batch, n, fast=True):
-        if compile and fast:
+    def add(label, planner, batch, n, accelerate=True):
+        if compile and accelerate:
             use_compile(planner)
-        if cuda_graph and fast:
+        if cuda_graph and accelerate:
             use_cuda_graphs(planner)
         ms = time_decisions(planner, batch, n)
         rows.append({"planner": label, "decisions": n, "k": planner.k, "batch": batch, "ms_per_decision": ms,
                      "calls_per_decision": planner.calls_per_decision(), "candidates": planner.N,
-                     "kernels_per_decision": count_kernels(planner, batch), "fast": fast and (compile or cuda_graph)})
+                     "kernels_per_decision": count_kernels(planner, batch), "accelerated": accelerate and (compile or cuda_graph),
+                     "fast_modules": label != "td-official-plain" and fast})
 
     base = Planner.from_checkpoint(ckpt_path, device=device)
     for batch in ([] if reference_only else batches):
-        add("transformer", Planner.from_checkpoint(ckpt_path, device=device, planner="transformer"), batch, decisions)
+        add("transformer", Planner.from_checkpoint(ckpt_path, device, "transformer", fast), batch, decisions)
         for k in ks:
             if k <= base.denoiser.n_timesteps:
-                add("td", Planner.from_checkpoint(ckpt_path, device=device, refine_steps=k), batch, decisions)
-        add("diffusion", Planner.from_checkpoint(ckpt_path, device=device, planner="diffusion"), batch, decisions)
+                add("td", Planner.from_checkpoint(ckpt_path, device, fast=fast, refine_steps=k), batch, decisions)
+        add("diffusion", Planner.from_checkpoint(ckpt_path, device, "diffusion", fast), batch, decisions)
     for n_cand in (32, 1):
         if compile or cuda_graph:  # the eager row beside the fast one, same run
-            add("td-official", reference_planner("td-official", dev, reference_scale, n_cand), 1, ref_decisions, False)
-        add("td-official", reference_planner("td-official", dev, reference_scale, n_cand), 1, ref_decisions)
-    add("dd-reference", reference_planner("dd-reference", dev, reference_scale, 1), 1, ref_decisions)
+            add("td-official", reference_planner("td-official", dev, reference_scale, n_cand, fast), 1, ref_decisions,
+                False)
+        add("td-official", reference_planner("td-official", dev, reference_scale, n_cand, fast), 1, ref_decisions)
+    if fast:  # the plain modules beside fast.py's, same run
+        add("td-official-plain", reference_planner("td-official", dev, reference_scale, 32, False), 1, ref_decisions)
+    add("dd-reference", reference_planner("dd-reference", dev, reference_scale, 1, fast), 1, ref_decisions)
 
     diff = {r["batch"]: r["ms_per_decision"] for r in rows if r["planner"] == "diffusion"}
-    print(f"\n{'planner':13s} {'mode':>5s} {'k/T':>4s} {'cand':>4s} {'batch':>5s} {'ms/decision':>12s} "
+    print(f"\n{'planner':17s} {'mode':>5s} {'k/T':>4s} {'cand':>4s} {'batch':>5s} {'ms/decision':>12s} "
           f"{'decisions/s':>12s} {'calls':>6s} {'kernels':>8s} {'diffusion/this':>15s}")
     for r in rows:
         ratio = diff.get(r["batch"], float("nan")) / r["ms_per_decision"] if r["planner"] not in (
-            "td-official", "dd-reference") else float("nan")
-        print(f"{r['planner']:13s} {'fast' if r['fast'] else 'eager':>5s} {r['k']:4d} {r['candidates']:4d} "
+            "td-official", "td-official-plain", "dd-reference") else float("nan")
+        print(f"{r['planner']:17s} {'graph' if r['accelerated'] else 'eager':>5s} {r['k']:4d} {r['candidates']:4d} "
               f"{r['batch']:5d} {r['ms_per_decision']:12.2f} {1000 / r['ms_per_decision']:12.1f} "
               f"{r['calls_per_decision']:6d} {r['kernels_per_decision']:8d} {ratio:15.1f}")
     official = [r for r in rows if r["planner"] == "td-official" and r["candidates"] == 32]
     if len(official) == 2:
         print(f"td-official (32 candidates): eager {official[0]['ms_per_decision']:.2f} ms, "
-              f"{official[0]['kernels_per_decision']} kernels; fast {official[1]['ms_per_decision']:.2f} ms, "
+              f"{official[0]['kernels_per_decision']} kernels; compiled/graphed {official[1]['ms_per_decision']:.2f} ms, "
               f"{official[1]['kernels_per_decision']} kernels ({official[0]['ms_per_decision'] / official[1]['ms_per_decision']:.1f}x)")
+    plain = next((r for r in rows if r["planner"] == "td-official-plain"), None)
+    if plain:
+        fast_row = next(r for r in rows if r["planner"] == "td-official" and r["candidates"] == 32)
+        print(f"td-official (32 candidates): plain modules {plain['ms_per_decision']:.2f} ms, fast.py's "
+              f"{fast_row['ms_per_decision']:.2f} ms ({plain['ms_per_decision'] / fast_row['ms_per_decision']:.2f}x)")
     td5 = next((r for r in rows if r["planner"] == "td" and r["k"] == 5 and r["batch"] == 1), None)
     if td5 and 1 in diff:
         print(f"\ndiffusion / td(k=5) at batch 1: {diff[1] / td5['ms_per_decision']:.1f}x")
@@ -187,7 +199,7 @@ def benchmark(ckpt_path, device: str, decisions: int, ref_decisions: int, ks=(1,
 
 
 def sweep_k(ckpt_path, device: str, episodes: int, seed: int, batch_envs: int, ks, plot: str | None,
-            cuda_graph: bool = False, guidances=None, endpoints: bool = True) -> list:
+            cuda_graph: bool = False, guidances=None, endpoints: bool = True, fast: bool = True) -> list:
     """Score and time per (w, k): the paper's trade-off curve, one curve per guidance weight w, with the
     transformer (k = 0) and, if endpoints, diffusion from noise (k = T, at the checkpoint's w) beside them.
     All weights of one k are planned in one batch (row i has its own w), each on the same episode seeds, so
@@ -197,7 +209,7 @@ def sweep_k(ckpt_path, device: str, episodes: int, seed: int, batch_envs: int, k
     runs = [("transformer", 0)] + [("td", k) for k in ks] + ([("diffusion", None)] if endpoints else [])
     results = []
     for planner, k in runs:
-        p = Planner.from_checkpoint(ckpt_path, device=device, planner=planner, refine_steps=k)
+        p = Planner.from_checkpoint(ckpt_path, device=device, planner=planner, fast=fast, refine_steps=k)
         if cuda_graph:
             use_cuda_graphs(p)
         sweep_w = planner == "td" and len(ws) > 1
@@ -259,6 +271,7 @@ def main(argv=None) -> int:
     p.add_argument("--guidances", default="", help="--sweep-k: guidance weights w, one curve each")
     p.add_argument("--no-endpoints", action="store_true", help="--sweep-k: skip the diffusion-from-noise row")
     p.add_argument("--plot", default=None, help="--sweep-k: write the score-vs-latency PNG here")
+    p.set_defaults(fast=True)  # the benchmark times fast.py's modules; --no-fast times the plain ones
     args = p.parse_args(argv)
     return D.run_cli(lambda: run(args), args.debug)
 
@@ -270,10 +283,11 @@ def run(args) -> None:
     if args.benchmark:
         res = benchmark(args.checkpoint, args.device, args.decisions, args.reference_decisions, ks,
                         batches=[int(b) for b in args.batches.split(",")], reference_scale=args.reference_scale,
-                        cuda_graph=args.cuda_graph, compile=args.compile, reference_only=args.reference_only)
+                        cuda_graph=args.cuda_graph, compile=args.compile, reference_only=args.reference_only,
+                        fast=args.fast)
     elif args.sweep_k:
         res = sweep_k(args.checkpoint, args.device, args.episodes, args.seed, args.batch_envs, ks, args.plot,
-                      cuda_graph=args.cuda_graph, endpoints=not args.no_endpoints,
+                      cuda_graph=args.cuda_graph, endpoints=not args.no_endpoints, fast=args.fast,
                       guidances=[float(w) for w in args.guidances.split(",") if w] or None)
     else:
         def prepare(planner: Planner) -> Planner:

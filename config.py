@@ -131,8 +131,9 @@ class Config(PlanConfig):
                                       "(CUDA, 1 process; machine.CudaGraphed)")
     compile: bool = setting(False, "torch.compile the losses (forward and backward fused by inductor); pair with "
                                    "--cuda-graph on CUDA")
-    concurrent: bool = setting(True, "CPU, one process, 2+ threads: the transformer's forward and backward run in a "
-                                     "second thread beside the other networks', half the threads each")
+    fast: bool = setting(False, "opt-in CPU speed paths (fast.py): exp-form Mish, trimmed convolutions, rand-mask "
+                                "dropout, written-out softmax, and the transformer's step on a worker thread; the "
+                                "same functions, not bit-equal to the plain path")
     reduced_precision: bool = setting(False, "opt-in: bf16 inside oneDNN's CPU matrix products (computes in bf16 "
                                              "only on CPUs with bf16 units, e.g. AMX), TF32 on CUDA; the start-up "
                                              "line says what was measured. Default: strict fp32 everywhere")

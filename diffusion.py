@@ -59,57 +59,13 @@ class SinusoidalPosEmb(nn.Module):
         return torch.cat([args.sin(), args.cos()], dim=-1)  # (B, dim)
 
 
-class Mish(nn.Module):
-    """x tanh(softplus(x)) (Misra 2019), the U-Net's activation, written with one exp: for e = exp(x),
-    tanh(log(1 + e)) = e (e + 2) / (e (e + 2) + 2); equal to nn.Mish up to float rounding (test). Torch's CPU
-    Mish kernel was a fifth of a td-official decision's operator time; this form cut the decision 5-10% (AMD EPYC,
-    docs/speed.md). Tensors under SMALL elements, where its extra operators cost more, and fp16, whose range is
-    too small for e (e + 2), keep torch's kernel. In fp32 the ratio is 1 above x = 20, so the clamp is exact."""
-    SMALL = 2048  # where torch's ~6 ns per element equals one exp-form pass plus four extra operator calls
-
-    def forward(self, x):
-        if x.dtype == torch.float16 or x.numel() < self.SMALL:
-            return F.mish(x)
-        e = torch.exp(x.clamp(max=20.0))
-        n = e * (e + 2.0)
-        return x * (n / (n + 2.0))
-
-
-class HorizonConv1d(nn.Conv1d):
-    """nn.Conv1d with 'same' padding (stride 1, padding k // 2) that skips the taps which read only padding.
-    On a horizon of L <= k // 2 steps, taps farther than L - 1 from the centre multiply zeros: at the official
-    U-Net's H = 1 bottleneck the centre tap alone is one matrix product, at L = 2 three of five taps remain.
-    Same parameters and state_dict as nn.Conv1d, same result up to float summation order. While no gradient is
-    recorded (planning) the trimmed kernel is kept contiguous, refreshed when the weight changes (an optimizer
-    step or load_state_dict bumps weight._version; .to() makes a new tensor). Measured: docs/speed.md."""
-
-    def _trimmed(self, L):
-        """The taps that can reach an input on a horizon of L steps: (C_out, C_in, 2L - 1)."""
-        c = self.kernel_size[0] // 2
-        w = self.weight[:, :, c - L + 1: c + L]
-        if torch.is_grad_enabled() and w.requires_grad:
-            return w  # training: a view, so the gradient flows into the full kernel
-        key = (L, self.weight.data_ptr(), self.weight._version)
-        if getattr(self, "_cache_key", None) != key:
-            self._cache, self._cache_key = w.detach().contiguous(), key
-        return self._cache
-
-    def forward(self, x):
-        L, c = x.shape[-1], self.kernel_size[0] // 2
-        if L > c:  # every tap reaches an input somewhere
-            return super().forward(x)
-        if L == 1:  # the centre tap: (B, C_in) @ (C_in, C_out)
-            return F.linear(x[:, :, 0], self._trimmed(1)[:, :, 0], self.bias)[:, :, None]
-        return F.conv1d(x, self._trimmed(L), self.bias, padding=L - 1)
-
-
 class Conv1dBlock(nn.Module):
     """Conv1d -> GroupNorm -> Mish over the horizon: (B, C_in, H) -> (B, C_out, H)."""
 
     def __init__(self, c_in, c_out, kernel_size, n_groups):
         super().__init__()
-        self.block = nn.Sequential(HorizonConv1d(c_in, c_out, kernel_size, padding=kernel_size // 2),
-                                   nn.GroupNorm(n_groups, c_out), Mish())
+        self.block = nn.Sequential(nn.Conv1d(c_in, c_out, kernel_size, padding=kernel_size // 2),
+                                   nn.GroupNorm(n_groups, c_out), nn.Mish())
 
     def forward(self, x):
         return self.block(x)
@@ -122,7 +78,7 @@ class ResidualTemporalBlock(nn.Module):
         super().__init__()
         self.blocks = nn.ModuleList([Conv1dBlock(c_in, c_out, kernel_size, n_groups),
                                      Conv1dBlock(c_out, c_out, kernel_size, n_groups)])
-        self.cond_proj = nn.Sequential(Mish(), nn.Linear(cond_dim, c_out))
+        self.cond_proj = nn.Sequential(nn.Mish(), nn.Linear(cond_dim, c_out))
         self.residual = nn.Conv1d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
     def forward(self, x, cond):
@@ -148,10 +104,10 @@ class TemporalUnet(nn.Module):
         cond_dim = 2 * dim  # time embedding (dim) ; return embedding (dim), 128 at dim = 64 as official
         # DEVIATION: the time MLP widens to time_mult * dim in between: 4 (64 -> 256 -> 64) is Decision
         # Diffuser's width, the default here; the official Trajectory Diffuser code uses 2 (64 -> 128 -> 64).
-        self.time_mlp = nn.Sequential(SinusoidalPosEmb(dim), nn.Linear(dim, time_mult * dim), Mish(),
+        self.time_mlp = nn.Sequential(SinusoidalPosEmb(dim), nn.Linear(dim, time_mult * dim), nn.Mish(),
                                       nn.Linear(time_mult * dim, dim))
         # official sizes at dim = 64: Linear(1 -> 128) -> Mish -> Linear(128 -> 64)
-        self.returns_mlp = nn.Sequential(nn.Linear(1, 2 * dim), Mish(), nn.Linear(2 * dim, dim))
+        self.returns_mlp = nn.Sequential(nn.Linear(1, 2 * dim), nn.Mish(), nn.Linear(2 * dim, dim))
 
         def block(c_in, c_out):
             return ResidualTemporalBlock(c_in, c_out, cond_dim, kernel_size, n_groups)
@@ -167,13 +123,10 @@ class TemporalUnet(nn.Module):
         for c_in, c_out in reversed(list(zip(chans[1:-1], chans[2:]))):
             up = nn.ConvTranspose1d(c_in, c_in, 4, stride=2, padding=1)  # H/2 -> H
             self.ups.append(nn.ModuleList([block(2 * c_out, c_in), block(c_in, c_in), up]))
-        # DEVIATION: Diffuser's and Decision Diffuser's U-Nets store one skip per level but read one fewer,
-        # so the full-resolution features never reach the output and every prediction passes through the
-        # stride-2 bottleneck. At the CPU sizes that kept the net from learning eps ~ x_t at high noise:
-        # eps-MSE at t = 99 was 0.096 against 0.000 for the trivial predictor sqrt(1 - ab_t) x_t. This block
-        # reads the last skip (H, dim channels) before the output head; with it (and v-prediction) the eps-MSE
-        # over t >= 90 is 0.4x the trivial predictor's on the bundled medium-replay data (docs/results.md#the-denoiser).
-        # full_skip=False is the official and DD network (the last skip is stored and never read)
+        # DEVIATION: Diffuser's and Decision Diffuser's U-Nets store one skip per level but read one fewer, so the
+        # full-resolution features reach the output only through the stride-2 bottleneck, and at the CPU sizes the
+        # net could not learn the high-noise answer eps ~ x_t. This block reads the last skip (H, dim channels)
+        # before the output head. Measured in docs/results.md#the-denoiser. full_skip=False is the official network.
         self.skip_full = block(2 * dim, dim) if full_skip else None
         self.final = nn.Sequential(Conv1dBlock(dim, dim, kernel_size, n_groups), nn.Conv1d(dim, state_dim, 1))
 
@@ -223,9 +176,7 @@ class GaussianDiffusion(nn.Module):
     DEVIATION: the official code and DD predict eps, and x_0 = (x_t - sqrt(1 - ab_t) eps) / sqrt(ab_t) divides
     the net's error by sqrt(ab_99) ~ 5e-4. With v, x_0 = sqrt(ab_t) x_t - sqrt(1 - ab_t) v has no division, and
     the implied eps is the exact high-noise answer sqrt(1 - ab_t) x_t plus sqrt(ab_t) times the net's term.
-    Measured on the bundled medium-replay data (docs/results.md#the-denoiser): eps-MSE over t >= 90 is 0.4x the trivial
-    predictor's with v, 1.8x with eps; sampling from noise without a clamp stays on the data with v (rms 0.95)
-    and diverges with eps (rms 69), where the data-range clamp binds on 98.8% of entries at t = 99 (v: 0.04%).
+    Measured in docs/results.md#the-denoiser: with eps, sampling from noise without the clamp diverges.
     """
 
     def __init__(self, model, horizon, state_dim, n_timesteps=100, schedule="cosine", cond_drop_prob=0.5,

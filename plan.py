@@ -36,6 +36,7 @@ import data as D
 from config import PlanConfig, build_networks, load_checkpoint
 from data import UsageError
 from inverse_dynamics import select_candidate
+from fast import apply as use_fast_paths
 from machine import pick_device, set_matmul_precision, set_threads
 import sources
 
@@ -75,8 +76,10 @@ class Planner:
         self.reset(1)
 
     @classmethod
-    def from_checkpoint(cls, path, device: str = "auto", planner: str = "td", **settings) -> "Planner":
-        """settings: PlanConfig fields that replace the checkpoint's (None = keep it), e.g. refine_steps=1."""
+    def from_checkpoint(cls, path, device: str = "auto", planner: str = "td", fast: bool = False,
+                        **settings) -> "Planner":
+        """settings: PlanConfig fields that replace the checkpoint's (None = keep it), e.g. refine_steps=1.
+        fast: swap in fast.py's CPU modules (the same functions, not bit-equal)."""
         dev = pick_device(device)
         ckpt = load_checkpoint(path, map_location=dev)
         known = {f.name for f in dataclasses.fields(PlanConfig)}
@@ -90,6 +93,8 @@ class Planner:
             if name in ckpt["models"]:  # an export for planning keeps the EMA denoiser, not the raw one
                 net.load_state_dict(ckpt["models"][name], strict=True)
             net.to(dev)
+            if fast:
+                use_fast_paths(net)
         return cls(cfg, nets, D.Normalizer.from_state_dict(ckpt["normalizer"]), dev, planner)
 
     def set_bounds(self, low, high) -> None:
@@ -271,13 +276,16 @@ def add_planner_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reduced-precision", action="store_true",
                    help="opt-in: bf16 inside oneDNN's CPU products where the CPU has bf16 units, TF32 on CUDA "
                         "(default: strict fp32; machine.set_matmul_precision)")
+    p.add_argument("--fast", action=argparse.BooleanOptionalAction, default=False, help="opt-in CPU speed paths (fast.py): the same functions as the "
+                                                       "plain modules, not bit-equal")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
 
 
 def planner_from_args(args, planner: str | None = None) -> Planner:
     known = {f.name for f in dataclasses.fields(PlanConfig)}
     settings = {k: v for k, v in vars(args).items() if k in known}
-    return Planner.from_checkpoint(args.checkpoint, device=args.device, planner=planner or args.planner, **settings)
+    return Planner.from_checkpoint(args.checkpoint, device=args.device, planner=planner or args.planner,
+                                   fast=args.fast, **settings)
 
 
 def main(argv=None) -> int:

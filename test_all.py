@@ -7,6 +7,7 @@ No GPU and no network are needed. Comparisons print their max difference (pytest
 """
 
 import argparse
+import copy
 import dataclasses
 import hashlib
 import json
@@ -37,6 +38,7 @@ import envs
 import bench
 import config
 import diagnose
+import fast as fastpaths
 import machine
 import plan
 import sources
@@ -76,7 +78,7 @@ def test_transformer_attention_matches_sdpa():
             diff = (out - ref).abs().max().item()
             print(f"attention vs sdpa (is_causal={is_causal}) max diff {diff:.2e}")
             assert diff < 1e-5
-    # the gradient through the written-out softmax (its row max detached) is SDPA's
+    # the gradient through the attention is SDPA's, with torch's softmax and with fast.Softmax (row max detached)
     for is_causal in (True, False):
         grads = []
         for use_sdpa in (True, False):
@@ -92,10 +94,10 @@ def test_transformer_attention_matches_sdpa():
         assert (grads[0] - grads[1]).abs().max().item() < 1e-5
 
 
-def test_transformer_dropout():
-    """transformer.Dropout is inverted dropout: each element zeroed w.p. p, the rest scaled by 1 / (1 - p), so
-    the mean is kept; its gradient is the same mask and scale; eval mode and p = 0 are the identity."""
-    from transformer import Dropout
+def test_fast_dropout():
+    """fast.Dropout is inverted dropout, as nn.Dropout: each element zeroed w.p. p, the rest scaled by 1 / (1 - p),
+    so the mean is kept; its gradient is the same mask and scale; eval mode and p = 0 are the identity."""
+    from fast import Dropout
     torch.manual_seed(0)
     x = torch.rand(200, 500) + 1.0  # no zeros of its own
     drop = Dropout(0.1).train()
@@ -557,10 +559,10 @@ def test_diffusion_high_noise_matches_trivial_predictor():
             assert model <= 2 * trivial
 
 
-def test_diffusion_mish_equals_torch():
-    """diffusion.Mish (one exp) equals nn.Mish up to float rounding, values and gradients, from -100 to 100,
-    and the U-Net uses it."""
-    from diffusion import Mish, TemporalUnet
+def test_fast_mish_and_softmax_equal_torch():
+    """fast.Mish (one exp) equals nn.Mish, and fast.Softmax equals torch.softmax (with -inf entries), up to float
+    rounding, values and gradients, Mish from -100 to 100."""
+    from fast import Mish, Softmax
     x = torch.cat([torch.linspace(-100, 100, 20001), torch.randn(1000) * 3]).requires_grad_()
     assert x.numel() >= Mish.SMALL  # the exp form, not torch's kernel
     ours, ref = Mish()(x), F.mish(x)
@@ -568,15 +570,52 @@ def test_diffusion_mish_equals_torch():
     g_ours, = torch.autograd.grad(ours.sum(), x)
     g_ref, = torch.autograd.grad(ref.sum(), x)
     torch.testing.assert_close(g_ours, g_ref, rtol=1e-5, atol=1e-5)
-    unet = TemporalUnet(5, dim=8, dim_mults=(1, 2))
-    assert not any(isinstance(m, nn.Mish) for m in unet.modules()) and any(isinstance(m, Mish) for m in unet.modules())
+    a = (torch.randn(6, 4, 9, 9) * 5).masked_fill(torch.ones(9, 9, dtype=torch.bool).triu(1), float("-inf"))
+    a.requires_grad_()
+    ours, ref = Softmax()(a), torch.softmax(a, dim=-1)
+    torch.testing.assert_close(ours, ref, rtol=2e-6, atol=1e-7)
+    weights = torch.randn_like(ours)
+    g_ours, = torch.autograd.grad((ours * weights).sum(), a)
+    g_ref, = torch.autograd.grad((ref * weights).sum(), a)
+    torch.testing.assert_close(g_ours, g_ref, rtol=1e-5, atol=1e-6)
 
 
-def test_diffusion_horizon_conv_equals_conv1d():
+def test_fast_apply_swaps_modules_sharing_parameters():
+    """The components are plain (nn.Mish, nn.Conv1d, nn.Dropout, nn.Softmax); fast.apply swaps in fast.py's modules
+    in place, sharing the parameters (same objects, same state_dict keys), and the networks compute the same
+    function to float tolerance: the U-Net at H = 1, 2 and 8, the transformer's rollout."""
+    fast = fastpaths
+    torch.manual_seed(0)
+    for H in (1, 2, 8):
+        dim_mults = {1: (1,), 2: (1, 2), 8: (1, 2)}[H]
+        plain = TemporalUnet(5, dim=8, dim_mults=dim_mults, horizon=H).eval()
+        assert not fast.uses_fast(plain) and any(type(m) is nn.Mish for m in plain.modules())
+        quick = fast.apply(copy.deepcopy(plain))
+        assert fast.uses_fast(quick) and not any(type(m) in (nn.Mish, nn.Dropout) for m in quick.modules())
+        n_fast_convs = sum(isinstance(m, fast.HorizonConv1d) for m in quick.modules())
+        n_same_convs = sum(type(m) is nn.Conv1d and m.kernel_size[0] == 5 for m in plain.modules())
+        assert n_fast_convs == n_same_convs > 0
+        assert list(quick.state_dict()) == list(plain.state_dict())
+        x, t, r, c = torch.randn(3, H, 5), torch.tensor([0, 40, 99]), torch.randn(3, 1), torch.tensor([1.0, 0.0, 1.0])
+        with torch.no_grad():
+            torch.testing.assert_close(quick(x, t, r, c), plain(x, t, r, c), rtol=1e-5, atol=1e-6)
+    tf = TrajectoryTransformer(4, half_dim=8, n_layer=2, n_head=2, ffn_dim=16, max_len=12).eval()
+    params = [id(p) for p in tf.parameters()]
+    states, rtg = torch.randn(2, 3, 4), torch.randn(2, 3, 1)
+    ref = tf.rollout(states, rtg, 5)
+    fast.apply(tf)
+    assert [id(p) for p in tf.parameters()] == params  # shared, not copied
+    assert isinstance(tf.blocks[0].attn.softmax, fast.Softmax) and isinstance(tf.blocks[0].drop, fast.Dropout)
+    assert not tf.blocks[0].drop.training
+    for a, b in zip(tf.rollout(states, rtg, 5), ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_fast_horizon_conv_equals_conv1d():
     """HorizonConv1d's trimmed kernels (centre tap at H = 1, three taps at H = 2) and its plain path at H > 2
     equal F.conv1d, with gradients; without gradients (the cached kernel) too, also after the weight changes by
     an optimizer step, an EMA update and load_state_dict (a stale cache fails here)."""
-    from diffusion import HorizonConv1d
+    from fast import HorizonConv1d
     torch.manual_seed(0)
     conv = HorizonConv1d(16, 24, 5, padding=2)
 
@@ -3103,18 +3142,18 @@ def test_glue_lr_schedule_closed_form(recorded_train):
         assert g == pytest.approx(w, rel=1e-6), (got, want)
 
 
-@pytest.mark.parametrize("concurrent", [False, True])
-def test_glue_fused_step_equals_per_network_steps(tmp_path, concurrent):
-    """One optimizer with a group per network, and one backward per part (run concurrently on a CPU with 2
-    threads, or one after the other), give the losses of four optimizers and four backward passes, one per
-    network (the official step), over 5 steps to float tolerance."""
+@pytest.mark.parametrize("fast", [False, True])
+def test_glue_fused_step_equals_per_network_steps(tmp_path, fast):
+    """One optimizer with a group per network and one backward of the losses' sum (or, with --fast on a CPU with
+    2 threads, one backward per part, the transformer's on a worker thread) give the losses of four optimizers
+    and four backward passes, one per network (the official step), over 5 steps to float tolerance."""
     from diffusion import GaussianDiffusion as GD
     f = cheetah_file(tmp_path / "tiny.hdf5")
     given = {"env": "halfcheetah-medium-sb3", "dataset": str(f), "out": str(tmp_path / "run"), "steps": 5,
              "log_every": 1, "eval_episodes": 0, "horizon": 4, "context": 3, "batch_size": 8, "use_critic": True,
              "n_candidates": 1, "tf_half_dim": 8, "tf_layers": 1, "tf_heads": 2, "tf_ffn": 16, "unet_dim": 8,
              "unet_mults": "1,2", "invdyn_hidden": 16, "critic_hidden": 16, "n_timesteps": 10, "threads": 2,
-             "device": "cpu", "concurrent": concurrent, "ema_start": 2, "seed": 3}
+             "device": "cpu", "fast": fast, "ema_start": 2, "seed": 3}
     threads = torch.get_num_threads()
     try:
         out = train.train(given)
@@ -3126,6 +3165,8 @@ def test_glue_fused_step_equals_per_network_steps(tmp_path, concurrent):
         sampler = data.WindowSampler(d, cfg.context + cfg.horizon - 1)
         torch.manual_seed(cfg.seed)
         nets = plan.build_networks(train.model_args(cfg, 17, 6, d.normalizer))
+        if fast:  # the same modules as the run: fast.Dropout draws its mask its own way
+            nets = {k: fastpaths.apply(v) for k, v in nets.items()}
         opts = {k: (torch.optim.AdamW(nets[k].parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
                     if k == "diffusion" else torch.optim.Adam(nets[k].parameters(), lr=cfg.lr, fused=True))
                 for k in ("transformer", "diffusion", "invdyn", "critic")}
@@ -4030,7 +4071,7 @@ def test_layout_every_script_answers_help_and_every_named_script_exists():
     assert not unlisted, f"results/README.md does not name {unlisted}"
 
 
-IMPORT_ORDER = ["transformer", "diffusion", "inverse_dynamics", "sources", "envs", "data", "machine", "config",
+IMPORT_ORDER = ["transformer", "diffusion", "inverse_dynamics", "fast", "sources", "envs", "data", "machine", "config",
                 "plots", "plan", "train", "diagnose", "bench"]  # each module imports only those before it
 
 
@@ -4080,25 +4121,97 @@ def _walkthrough_blocks(tag):
     return [(m.group(1), m.group(2), text.count("\n", 0, m.start(2)) + 1) for m in pattern.finditer(text)]
 
 
+# The definitions the walkthrough must quote, in this order of first appearance: (file, accepted qualified names).
+WALKTHROUGH_ORDER = [
+    ("diffusion.py", {"cosine_beta_schedule"}),
+    ("diffusion.py", {"TemporalUnet", "TemporalUnet.forward"}),
+    ("diffusion.py", {"GaussianDiffusion.loss"}),
+    ("diffusion.py", {"GaussianDiffusion.guided_output"}),
+    ("diffusion.py", {"GaussianDiffusion.p_sample"}),
+    ("diffusion.py", {"GaussianDiffusion.refine"}),
+    ("transformer.py", {"SelfAttention.forward", "TrajectoryTransformer.rollout"}),
+    ("inverse_dynamics.py", {"InverseDynamics", "InverseDynamics.forward", "InverseDynamics.loss"}),
+    ("plan.py", {"Planner.decide"}),
+]
+
+
+def _definitions(source):
+    """{qualified name: (first line, last line)} of every def and class in source, 1-based, decorators included."""
+    import ast
+    spans = {}
+
+    def visit(node, prefix):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                name = prefix + child.name
+                first = min([child.lineno] + [d.lineno for d in child.decorator_list])
+                spans[name] = (first, child.end_lineno)
+                visit(child, name + ".")
+            else:
+                visit(child, prefix)
+    visit(ast.parse(source), "")
+    return spans
+
+
+def _whole_definition_problem(code, source_lines, first):
+    """Why the quote `code`, found at 0-based line `first` of the source, is not one or more whole consecutive
+    definitions; None when it is."""
+    import re
+    lines = code.splitlines()
+    indent = lambda ln: len(ln) - len(ln.lstrip())
+    i = 0
+    while i < len(lines) and lines[i].lstrip().startswith("@"):
+        i += 1
+    if i == len(lines) or not re.match(r"\s*(def|class) ", lines[i]):
+        return "it does not start with a def or class line (after decorators)"
+    base = indent(lines[i])
+    for j, ln in enumerate(lines[i + 1:], i + 1):
+        if not ln.strip() or indent(ln) > base:
+            continue
+        if indent(ln) < base or not re.match(r"(def|class|@)", ln.lstrip()):
+            return f"its line {j + 1} lies outside the definition: {ln!r}"
+    after = next((ln for ln in source_lines[first + len(lines):] if ln.strip()), None)
+    if after is not None and indent(after) > base:
+        return f"it stops before the definition ends; the source goes on with {after!r}"
+    return None
+
+
 def test_walkthrough_quotes_are_verbatim():
-    """Each `<!-- quote: FILE -->` block is a contiguous, verbatim run of whole lines of FILE."""
+    """Each `<!-- quote: FILE -->` block is a contiguous, verbatim run of whole lines of FILE, and one or more whole
+    definitions: it starts at a def or class line (after decorators) and ends where that definition ends (the next
+    non-blank source line is indented no deeper than the def, or the file ends). Together the quotes include the
+    definitions of WALKTHROUGH_ORDER, in that order of first appearance."""
     root = WALKTHROUGH.parent.parent
     quotes = _walkthrough_blocks("quote")
     assert len(quotes) >= 10, f"expected at least 10 quotes in {WALKTHROUGH}, found {len(quotes)}"
+    included = []  # per quote: (file, qualified names of the definitions it holds)
     for name, code, line in quotes:
         assert name, f"walkthrough.md:{line}: a quote block must name its file, <!-- quote: FILE -->"
         src = root / name
         assert src.is_file() and root in src.resolve().parents, f"walkthrough.md:{line}: {name} is not a file here"
         source = src.read_text()
-        if "\n" + code in "\n" + source:  # whole lines, in order, nothing between them
-            continue
-        src_lines = set(source.splitlines())
-        missing = next(((i, ln) for i, ln in enumerate(code.splitlines()) if ln not in src_lines), None)
-        if missing is not None:
-            raise AssertionError(f"walkthrough.md:{line + missing[0]}: this quoted line is not in {name}:\n"
-                                 f"    {missing[1]!r}")
-        raise AssertionError(f"walkthrough.md:{line}: every line of this quote is in {name}, but not as one "
-                             f"contiguous block (lines added, dropped or reordered)")
+        at = ("\n" + source).find("\n" + code)  # whole lines, in order, nothing between them
+        if at < 0:
+            src_lines = set(source.splitlines())
+            missing = next(((i, ln) for i, ln in enumerate(code.splitlines()) if ln not in src_lines), None)
+            if missing is not None:
+                raise AssertionError(f"walkthrough.md:{line + missing[0]}: this quoted line is not in {name}:\n"
+                                     f"    {missing[1]!r}")
+            raise AssertionError(f"walkthrough.md:{line}: every line of this quote is in {name}, but not as one "
+                                 f"contiguous block (lines added, dropped or reordered)")
+        first = source.count("\n", 0, at)  # 0-based source line of the quote's first line
+        problem = _whole_definition_problem(code, source.splitlines(), first)
+        assert problem is None, f"walkthrough.md:{line}: this quote of {name} is not a whole function or class: {problem}"
+        last = first + len(code.splitlines())  # 1-based source line of the quote's last line
+        included.append((name, {q for q, (a, b) in _definitions(source).items() if first < a and b <= last}))
+    where = []
+    for file, names in WALKTHROUGH_ORDER:
+        hit = next((i for i, (f, held) in enumerate(included) if f == file and held & names), None)
+        assert hit is not None, f"the walkthrough quotes none of {sorted(names)} from {file}"
+        where.append(hit)
+    for (_, names), i, j in zip(WALKTHROUGH_ORDER[1:], where, where[1:]):
+        assert i <= j, (f"the walkthrough first quotes {sorted(names)} in quote {j + 1}, before the definition it "
+                        f"should follow (quote {i + 1}); expected order: {[sorted(n) for _, n in WALKTHROUGH_ORDER]}")
 
 
 def test_walkthrough_snippets_run(monkeypatch):
@@ -4146,6 +4259,29 @@ def test_docs_links_resolve():
                 if anchor not in {_markdown_anchor(h) for h in headings}:
                     broken.append(f"{page.relative_to(root)}: {target} (no such heading)")
     assert not broken, "broken links:\n  " + "\n  ".join(broken)
+
+
+def test_docs_sections_cited_in_code_exist():
+    """Every `README.md#anchor` or `docs/FILE.md#anchor` that a .py file of the project cites (comments, docstrings,
+    help texts, scripts/ included) names a file and a heading that exist, and no code cites a README section by
+    name in prose ('README, "Section"'). A renamed heading then fails here, not in a reader's search."""
+    import re
+    root = WALKTHROUGH.parent.parent
+    broken = []
+    for src in sorted([*root.glob("*.py"), *root.glob("scripts/**/*.py")]):
+        if src.name == "test_all.py":
+            continue  # its docstrings name the patterns themselves
+        text = src.read_text()
+        for path, anchor in re.findall(r"((?:docs/)?[A-Za-z_]+\.md)#([\w\-]+)", text):
+            dest = root / path
+            if not dest.is_file():
+                broken.append(f"{src.relative_to(root)}: {path}#{anchor} (no such file)")
+                continue
+            headings = re.findall(r"^#+\s+(.*)$", re.sub(r"```.*?```", "", dest.read_text(), flags=re.S), re.M)
+            if anchor not in {_markdown_anchor(h) for h in headings}:
+                broken.append(f"{src.relative_to(root)}: {path}#{anchor} (no such heading)")
+        broken += [f"{src.relative_to(root)}: cites {m!r} by name" for m in re.findall(r'README[\'s]*,? "[^"]+"', text)]
+    assert not broken, "stale citations:\n  " + "\n  ".join(broken)
 
 
 # ------------------------------------------------------------------------------------------ toy

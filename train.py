@@ -36,6 +36,7 @@ import torch
 import torch.nn as nn
 
 import data as D
+import fast
 from data import UsageError
 import sources
 from machine import CudaGraphed, atomic_write, pick_device, set_matmul_precision, set_threads
@@ -111,6 +112,8 @@ def train(given: dict) -> Path:
     torch.manual_seed(cfg.seed)  # every rank builds the same initial weights, the EMA copy included
     args = model_args(cfg, data.observations.shape[1], data.actions.shape[1], data.normalizer)
     nets = {k: m.to(device) for k, m in build_networks(args).items()}
+    if cfg.fast:  # the CPU speed paths (fast.py): the same functions, not bit-equal
+        nets = {k: fast.apply(m) for k, m in nets.items()}
     optimizer = make_optimizer(cfg, nets, capturable=cfg.cuda_graph)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [  # official: the critic's lr does not decay
         lr_lambda(cfg) if g["name"] != "critic" or cfg.critic_lr_decay else (lambda step: 1.0)
@@ -134,12 +137,17 @@ def train(given: dict) -> Path:
         return losses
 
     def train_step(batch: dict) -> dict:
-        """The four losses, their backward and one optimizer step. The networks share no parameters, so the
-        backward of each part's sum gives every network exactly its own loss's gradient. Returns the losses."""
+        """The four losses, one backward and one optimizer step. The networks share no parameters, so the backward
+        of the losses' sum gives every network exactly its own loss's gradient. Returns the losses."""
         win = {k: v[:, :H] for k, v in batch.items() if v.dim() >= 2}  # (B, H, .) the window's first H steps
         draws = nets["diffusion"].training_draws(win["states"])  # t, noise, condition mask: drawn first
         optimizer.zero_grad(set_to_none=True)
-        losses = run.backward((transformer_loss, batch), (trajectory_losses, win, draws))  # loss.backward() each
+        if run.worker is None:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda"):
+                losses = {**transformer_loss(batch), **trajectory_losses(win, draws)}
+            sum(losses.values()).backward()
+        else:  # --fast on a CPU: the same two parts, the transformer's forward and backward on a worker thread
+            losses = run.worker((transformer_loss, batch), (trajectory_losses, win, draws))
         run.average_gradients(optimizer)  # torchrun: the mean over ranks
         if cfg.grad_clip > 0:
             for group in optimizer.param_groups:
@@ -215,12 +223,10 @@ class Run:
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
         self.threads = set_threads(cfg.threads, self.world if self.device.type == "cpu" else 1)
         self.matmul = set_matmul_precision(self.device, cfg.reduced_precision, cfg.onednn)  # strict fp32 by default
-        # the concurrent step: a worker thread for the transformer; each thread's kernels take half the threads
-        self.pool = None
-        if cfg.concurrent and self.device.type == "cpu" and self.world == 1 and self.threads >= 2:
-            from concurrent.futures import ThreadPoolExecutor
-            self.pool = ThreadPoolExecutor(1, thread_name_prefix="transformer")
-            torch.set_num_threads(self.threads // 2)
+        # --fast on a CPU with 2+ threads: the transformer's forward and backward on a worker thread (fast.py)
+        self.worker = None
+        if cfg.fast and self.device.type == "cpu" and self.world == 1 and self.threads >= 2:
+            self.worker = fast.WorkerThreadStep(self.threads)
         self.out = check_run_dir(cfg)
         self.ckpt = None
         if cfg.resume:  # the checkpoint's config wins, except this invocation's machine and the budget given now
@@ -234,7 +240,7 @@ class Run:
                                  f"use --env {old.env} or another --out")
             # always now: this machine and invocation; now if given, else the checkpoint's: the budget, the data
             # file and the evaluation simulator (which changes no weight), so that a --preset run resumes alike
-            now = {"resume", "device", "threads", "debug", "amp", "cuda_graph", "compile", "out", "concurrent",
+            now = {"resume", "device", "threads", "debug", "amp", "cuda_graph", "compile", "out", "fast",
                    "reduced_precision", "onednn"}
             keep = {"steps", "eval_episodes", "eval_every", "save_every", "dataset", "log_every", "batch_envs",
                     "legacy_dynamics", "keep_at"}
@@ -274,8 +280,9 @@ class Run:
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "config.json").write_text(json.dumps(dataclasses.asdict(self.cfg), indent=2))
         print(data.summary())
-        step_kind = ", concurrent step (transformer in a second thread)" if self.pool else ""
+        step_kind = ", the transformer's step on a worker thread" if self.worker else ""
         print(f"device {self.device} ({self.threads} CPU threads{step_kind}), world size {self.world}, "
+              f"{'fast.py modules (--fast)' if self.cfg.fast else 'plain modules'}, "
               f"matmul: {self.matmul}{', bf16 autocast' if self.cfg.amp else ''}, "
               f"windows: {len(sampler)} of {sampler.length} steps")
         for k, m in nets.items():
@@ -285,23 +292,6 @@ class Run:
         print("config:", json.dumps(dataclasses.asdict(self.cfg)))
         if step:
             print(f"resuming from step {step}")
-
-    def backward(self, *parts) -> dict:
-        """Each part is (loss_fn, *args): its losses' sum, forward (bf16 autocast with --amp on CUDA) and backward.
-        With the worker thread (--concurrent, a CPU with 2+ threads) the first part runs there beside the others.
-        The first part draws only dropout and the others draw nothing (their draws were made before), so the
-        RNG order is the same either way. Returns every part's losses."""
-        def forward_backward(loss_fn, *args) -> dict:
-            amp = self.cfg.amp and self.device.type == "cuda"
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
-                losses = loss_fn(*args)
-            sum(losses.values()).backward()
-            return losses
-        if self.pool is None:
-            return {k: v for part in parts for k, v in forward_backward(*part).items()}
-        future = self.pool.submit(forward_backward, *parts[0])
-        losses = {k: v for part in parts[1:] for k, v in forward_backward(*part).items()}
-        return {**losses, **future.result()}
 
     def accelerate(self, transformer_loss, trajectory_losses, train_step):
         """--compile: inductor fuses each loss part's forward and backward (the hand-written code is what it
@@ -363,7 +353,7 @@ class Run:
         res = evaluate(planner, cfg.env, cfg.eval_episodes, seed=cfg.eval_seed, batch_envs=cfg.batch_envs)
         print(f"[eval step {step}] {format_result(res)}")
         self.log({"step": step, "eval": res})
-        torch.set_num_threads(self.threads // 2 if self.pool else self.threads)
+        torch.set_num_threads(self.worker.threads if self.worker else self.threads)
         torch.backends.mkldnn.matmul.fp32_precision = training_path  # back to it, without probing again
 
     def finish(self, nets) -> Path:

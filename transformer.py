@@ -58,6 +58,7 @@ class SelfAttention(nn.Module):
         self.k = nn.Linear(dim, dim)
         self.v = nn.Linear(dim, dim)
         self.out = nn.Linear(dim, dim)
+        self.softmax = nn.Softmax(dim=-1)  # a module, so that fast.apply can swap in its CPU version
 
     def forward(self, x, mask=None, cache=None, pos=None):
         """x (B, T, D); mask (T, T or M) bool, True = hidden, None = full attention.
@@ -76,30 +77,10 @@ class SelfAttention(nn.Module):
         att = (q @ k.transpose(-2, -1)) / math.sqrt(hs)                            # (B, nh, T, hs) @ (B, nh, hs, M) -> (B, nh, T, M)
         if mask is not None:
             att = att.masked_fill(mask, float("-inf"))                             # the diagonal is never hidden: no all -inf row
-        # softmax over the keys, written out: torch's CPU kernel took 1.0 ms on the training's (64, 4, 14, 14)
-        # scores, 270 ns per row of 14, against 0.25 ms for max, exp, sum and divide (AMD EPYC, 1 thread).
-        att = (att - att.amax(dim=-1, keepdim=True).detach()).exp()                # shift-invariant: max gets no gradient
-        att = att / att.sum(dim=-1, keepdim=True)                                  # exp(-inf) = 0 hides masked keys
+        att = self.softmax(att)                                                    # over the keys; exp(-inf) = 0 hides masked ones
         y = att @ v                                                                # (B, nh, T, M) @ (B, nh, M, hs) -> (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, D)                                     # (B, nh, T, hs) -> (B, T, D)
         return self.out(y)
-
-
-class Dropout(nn.Module):
-    """Inverted dropout (Srivastava et al. 2014), as nn.Dropout: in training each element is zeroed with
-    probability p and the rest scaled by 1 / (1 - p); the identity in eval mode. The keep mask is drawn as
-    uniform >= p, because torch's CPU bernoulli_ behind nn.Dropout took 0.87 ms on the training's (64, 14, 128)
-    activations against 0.33 ms for torch.rand_like (AMD EPYC, 1 thread): 7 draws a step."""
-
-    def __init__(self, p):
-        super().__init__()
-        self.p = p
-
-    def forward(self, x):
-        if not self.training or self.p == 0.0:
-            return x
-        keep = torch.rand_like(x) >= self.p                                        # True w.p. 1 - p
-        return x * keep * (1.0 / (1.0 - self.p))
 
 
 class Block(nn.Module):
@@ -111,7 +92,7 @@ class Block(nn.Module):
         self.ln1 = nn.LayerNorm(dim)
         self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.ReLU(), nn.Linear(ffn_dim, dim))
         self.ln2 = nn.LayerNorm(dim)
-        self.drop = Dropout(dropout)  # residual dropout on each sub-layer's output (Vaswani Sec. 5.4)
+        self.drop = nn.Dropout(dropout)  # residual dropout on each sub-layer's output (Vaswani Sec. 5.4)
 
     def forward(self, x, mask=None, cache=None, pos=None):
         x = self.ln1(x + self.drop(self.attn(x, mask, cache, pos)))
@@ -138,7 +119,7 @@ class TrajectoryTransformer(nn.Module):
         self.rtg_embed = nn.Linear(1, half_dim)
         self.register_buffer("pos_table", sinusoidal_table(max_len, dim), persistent=False)  # rebuilt, not saved
         self.register_buffer("pos_ids", torch.arange(max_len), persistent=False)
-        self.embed_drop = Dropout(dropout)
+        self.embed_drop = nn.Dropout(dropout)
         self.embed_ln = nn.LayerNorm(dim)  # from the official code, which normalizes the embedded tokens
         self.blocks = nn.ModuleList([Block(dim, n_head, ffn_dim, dropout) for _ in range(n_layer)])
         # Heads are two-layer MLPs with hidden width half_dim, from the official code. (The official

@@ -108,10 +108,19 @@ MUTANTS = [
       "diffusion_guidance or glue_diffusion or oracle or scales_exactly", "the w = 1 fast path removed",
       expect="equivalent: out_u + 1 * (out_c - out_u) = out_c up to float rounding (1e-7); one pass of 2B rows "
              "replaces one of B rows, the same number of net calls; only speed changes"),
-    M("diffusion.py", "if L > c:  # every tap reaches an input somewhere", "if True:  # every tap reaches an input somewhere",
-      "horizon_conv or unet or oracle", "HorizonConv1d's trimmed-kernel path never taken",
+    # ---------------------------------------------------------------- fast.py
+    M("fast.py", "if L > c:  # every tap reaches an input somewhere", "if True:  # every tap reaches an input somewhere",
+      "horizon_conv or fast_apply", "HorizonConv1d's trimmed-kernel path never taken",
       expect="equivalent: the trimmed path equals the full convolution up to float summation order "
-             "(test_diffusion_horizon_conv_equals_conv1d); only speed changes"),
+             "(test_fast_horizon_conv_equals_conv1d); only speed changes"),
+    M("fast.py", "return x * (n / (n + 2.0))", "return x * (n / (n + 1.0))", "fast_mish or fast_apply",
+      "the exp-form Mish's denominator off by one"),
+    M("fast.py", "return x / x.sum(dim=-1, keepdim=True)", "return x / x.sum(dim=-2, keepdim=True)",
+      "fast_mish or fast_apply", "the fast softmax normalized over the queries"),
+    M("fast.py", "keep = torch.rand_like(x) >= self.p", "keep = torch.rand_like(x) >= 1 - self.p", "fast_dropout",
+      "the fast dropout keeps w.p. p"),
+    M("fast.py", "return {**losses, **future.result()}", "return losses", "glue_fused",
+      "the worker thread's losses dropped (the transformer's backward not waited for)"),
     # ---------------------------------------------------------------- transformer.py
     M("transformer.py", "return key_pos[None, :] > query_pos[:, None]", "return key_pos[None, :] > query_pos[:, None] + 1",
       "no_causal_leak or method_builds", "the causal mask lets each position see the next token"),

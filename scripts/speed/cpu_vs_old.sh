@@ -2,7 +2,8 @@
 # This checkout against an older commit (default 647e500: four optimizers and four backward passes per training
 # step, one transformer rollout per candidate), side by side on the same machine, THREADS threads:
 #   1. training throughput, the quickstart recipe, STEPS steps each, old and new alternating REPS times (it/s read
-#      from each run's metrics.jsonl: the training loop only);
+#      from each run's metrics.jsonl: the training loop only); the new tree trains with NEW_FLAGS (default --fast,
+#      fast.py's CPU paths, which were the default before they became opt-in; NEW_FLAGS= times the plain modules);
 #   2. the planning benchmark of both trees (td and the transformer at batch 1 on the checkpoints just trained,
 #      and the td-official and dd-reference rows at the official sizes with random weights).
 # Run it on an otherwise idle machine.   Usage: bash scripts/speed/cpu_vs_old.sh [flags for the new training run]
@@ -18,7 +19,7 @@ ARGS="--env halfcheetah-medium-sb3 --steps $STEPS --log-every $STEPS --eval-epis
 rate() { python3 -c "import json,sys; print(json.loads(open(sys.argv[1]).read().splitlines()[-1])['it_per_s'])" "$1"; }
 for r in $(seq "$REPS"); do
   (cd "$TMP/old" && python3 train.py $ARGS --out "$TMP/old_$r" > /dev/null 2>&1)
-  python3 train.py $ARGS --out "$TMP/new_$r" "$@" > /dev/null 2>&1
+  python3 train.py $ARGS --out "$TMP/new_$r" ${NEW_FLAGS---fast} "$@" > /dev/null 2>&1
   echo "[$CPU] rep $r: old $(rate "$TMP/old_$r/metrics.jsonl") it/s, new $(rate "$TMP/new_$r/metrics.jsonl") it/s"
 done
 B="--batches 1 --ks 5 --decisions ${DECISIONS:-10} --reference-decisions ${REF_DECISIONS:-3} --threads $THREADS"
