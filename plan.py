@@ -113,6 +113,9 @@ class Planner:
         self.hist_r = torch.zeros(n_envs, C, 1, device=self.device)  # (B, C, 1) scaled returns-to-go
         self.R0 = self.target / self.cfg.rtg_scale
         self.R = torch.full((n_envs, 1), self.R0, device=self.device)  # (B, 1) current target
+        # DEVIATION: the floor is R0 - (1 - rtg_floor) |R0|, which is the official R0 * rtg_floor for R0 >= 0; for a
+        # negative target (data whose returns are negative) R0 * rtg_floor lies above R0 and would raise the target
+        self.R_floor = self.R0 - (1.0 - self.cfg.rtg_floor) * abs(self.R0)
 
     @torch.no_grad()
     def act(self, obs, reward=None) -> np.ndarray:
@@ -124,7 +127,7 @@ class Planner:
             self.reset(obs.shape[0])
         if reward is not None:  # official: R <- max(R - r / scale, R0 * floor)
             r = torch.as_tensor(np.atleast_1d(reward), dtype=torch.float32, device=self.device)[:, None]
-            self.R = torch.clamp(self.R - r / self.cfg.rtg_scale, min=self.R0 * self.cfg.rtg_floor)
+            self.R = torch.clamp(self.R - r / self.cfg.rtg_scale, min=self.R_floor)
         s = self.normalizer.normalize(torch.as_tensor(obs, device=self.device))  # (B, S)
         C = self.cfg.context
         if self.t >= C:  # the history is full: slide it one token left; positions stay 0..C-1

@@ -2882,6 +2882,14 @@ def test_glue_planner_normalizes_slides_history_and_decrements_rtg():
         assert torch.allclose(hist_s, want_s, atol=1e-6), f"call {t}: the history of states is wrong"
         assert torch.allclose(hist_r, want_r, atol=1e-6), f"call {t}: the history of returns-to-go is wrong"
     assert seen_r[-1][1] == pytest.approx(floor) and seen_r[-1][0] > floor  # env 1 sits on the floor, env 0 not
+    # a negative target (data whose returns are negative): no reward keeps it, rewards lower it to its floor,
+    # R0 - (1 - floor) |R0|, and never raise it (R0 * floor would lie above R0)
+    planner.target = -200.0
+    planner.reset(2)
+    for t in range(4):
+        planner.act(obs[t], None if t == 0 else np.array([0.0, 100.0]))
+    R0 = -2.0
+    assert planner.R[:, 0].tolist() == pytest.approx([R0, R0 - (1 - floor) * abs(R0)])
 
 
 def test_glue_planner_decide_wiring_k_invdyn_and_critic():
