@@ -6,7 +6,7 @@ told apart. The rows: the transformer alone and td (k = 1) on a checkpoint, and 
 32 candidates, random weights; timing only). --compile adds the transformer's rollout through torch.compile
 (inductor fuses our hand-written code; compiling takes about a minute per history length on a CPU).
 Run it on an otherwise idle machine:
-    python scripts/speed/profile_planning.py [--checkpoint PATH] [--threads 2] [--compile]
+    python scripts/speed/profile_planning.py [--checkpoint PATH] [--threads 2] [--compile] [--no-fast]
 """
 import argparse
 import pathlib
@@ -63,17 +63,22 @@ def main() -> None:
     p.add_argument("--checkpoint", default="checkpoints/halfcheetah-medium-sb3/checkpoint.pt")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--compile", action="store_true", help="also time the transformer's rollout compiled")
+    p.add_argument("--fast", action=argparse.BooleanOptionalAction, default=True,
+                   help="fast.py's CPU modules (default, as bench.py); --no-fast profiles the plain modules")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     print(f"CPU: {cpu_model()}, {args.threads} threads, torch {torch.__version__}")
-    rows = [("transformer alone, " + args.checkpoint, Planner.from_checkpoint(args.checkpoint, "cpu", "transformer")),
-            ("td (k = 1), same checkpoint", Planner.from_checkpoint(args.checkpoint, "cpu", "td")),
-            ("td-official (32 candidates, k = 5)", reference_planner("td-official", torch.device("cpu"), "full", 32))]
+    print(f"modules: {'fast.py (--fast)' if args.fast else 'plain (--no-fast)'}")
+    rows = [("transformer alone, " + args.checkpoint,
+             Planner.from_checkpoint(args.checkpoint, "cpu", "transformer", args.fast)),
+            ("td (k = 1), same checkpoint", Planner.from_checkpoint(args.checkpoint, "cpu", "td", args.fast)),
+            ("td-official (32 candidates, k = 5)",
+             reference_planner("td-official", torch.device("cpu"), "full", 32, args.fast))]
     for label, planner in rows:
         print(label)
         print(profile_decisions(planner))
     if args.compile:
-        planner = Planner.from_checkpoint(args.checkpoint, "cpu", "transformer")
+        planner = Planner.from_checkpoint(args.checkpoint, "cpu", "transformer", args.fast)
         t0 = time.perf_counter()
         planner.transformer.rollout = torch.compile(planner.transformer.rollout, dynamic=False)
         planner.reset(1)
