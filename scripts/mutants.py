@@ -119,6 +119,7 @@ MUTANTS = [
       "fast_mish or fast_apply", "the fast softmax normalized over the queries"),
     M("fast.py", "keep = torch.rand_like(x) >= self.p", "keep = torch.rand_like(x) >= 1 - self.p", "fast_dropout",
       "the fast dropout keeps w.p. p"),
+    M("fast.py", "            apply(child)", "            pass", "fast_apply", "fast.apply swaps only the top level's children"),
     M("fast.py", "return {**losses, **future.result()}", "return losses", "glue_fused",
       "the worker thread's losses dropped (the transformer's backward not waited for)"),
     # ---------------------------------------------------------------- transformer.py
@@ -203,7 +204,11 @@ MUTANTS = [
       "method_builds", "METHODS: the official refinement noises the plan"),
     M("config.py", "method_row[\"cond_scale\"] = given.get(\"rtg_scale\", Config.rtg_scale)", "method_row[\"cond_scale\"] = 0.0",
       "method_builds", "the official condition scale read off the data"),
+    M("plan.py", "min=self.R_floor)", "min=self.R0 * self.cfg.rtg_floor)", "normalizes_slides_history",
+      "the official floor R0 * rtg_floor, which raises a negative target"),
     # ---------------------------------------------------------------- train.py
+    M("train.py", "            sum(losses.values()).backward()", "            losses[\"transformer\"].backward()",
+      "glue_fused", "the plain step's backward reaches only the transformer"),
     M("train.py", "not (cfg.ema_copy_each_step and step < cfg.ema_start)", "not (False and step < cfg.ema_start)",
       "method_builds or ema_update", "ema_copy_each_step ignored"),
     M("train.py", "if g[\"name\"] != \"critic\" or cfg.critic_lr_decay else", "if True else",

@@ -123,7 +123,7 @@ def commands(stage: str, seeds=SEEDS, envs=(HCMR, HOPPER)) -> list[str]:
                 out = json_path(env, s, name, stage)
                 if out.is_file():
                     continue
-                cmds.append(f"python plan.py --threads 1 --checkpoint {c.relative_to(ROOT)} {flags} --seed {seed0} "
+                cmds.append(f"python plan.py --fast --threads 1 --checkpoint {c.relative_to(ROOT)} {flags} --seed {seed0} "
                             f"--episodes {episodes} --batch-envs {episodes} --json {out.relative_to(ROOT)}")
     return cmds
 
@@ -134,7 +134,7 @@ def train_commands() -> list[str]:
         for s in SEEDS:
             if ckpt(env, s).is_file():
                 continue
-            cmds.append(f"python train.py --env {env} --use-critic --threads 1 --eval-episodes 0 --seed {s} "
+            cmds.append(f"python train.py --fast --env {env} --use-critic --threads 1 --eval-episodes 0 --seed {s} "
                         f"--out {ckpt(env, s).parent.relative_to(ROOT)}")
     return cmds
 
@@ -180,7 +180,7 @@ def timing(decisions: int) -> dict:
         for name, kw in settings.items():
             if env == HOPPER and name.startswith("dd"):
                 continue
-            planner = Planner.from_checkpoint(ckpt(env, 0), device="cpu", **kw)
+            planner = Planner.from_checkpoint(ckpt(env, 0), device="cpu", fast=True, **kw)
             rows[f"{env}/{name}"] = time_decisions(planner, batch=1, decisions=decisions)
             print(f"{env:32s} {name:16s} {rows[f'{env}/{name}']:8.2f} ms per decision", flush=True)
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")),

@@ -14,8 +14,8 @@ KEEP=${KEEP:-5000,10000,20000,40000}; KBEST=${KBEST:-2}
 DIFF_STEPS=${DIFF_STEPS:-${KEEP//,/ }}  # steps where diffusion from noise is scored (each run costs ~8 CPU-minutes)
 SEEDS=${SEEDS:-"0 1 2"}; DATASETS=${DATASETS:-halfcheetah-medium-replay-sb3}; JOBS=${JOBS:-2}
 mkdir -p "$OUT" logs runs/budget
-T="python train.py --threads 1 --eval-episodes 0 --steps $STEPS --lr-decay-steps $STEPS --keep-at $KEEP"
-P="python plan.py --threads 1 --seed 1000"
+T="python train.py --fast --threads 1 --eval-episodes 0 --steps $STEPS --lr-decay-steps $STEPS --keep-at $KEEP"
+P="python plan.py --fast --threads 1 --seed 1000"
 case "${1:-}" in
 train)
   for e in $DATASETS; do for s in $SEEDS; do

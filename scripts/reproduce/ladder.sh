@@ -35,11 +35,11 @@ case "${1:-}" in
 train)
   for r in $RUNGS; do for s in $SEEDS; do
     [ -f runs/ladder/r$r-s$s/checkpoint.pt ] && continue
-    echo "python train.py --env $ENV --threads 1 --eval-episodes 0 --seed $s --out runs/ladder/r$r-s$s $(rung_flags $r) > logs/ladder-r$r-s$s.log 2>&1"
+    echo "python train.py --fast --env $ENV --threads 1 --eval-episodes 0 --seed $s --out runs/ladder/r$r-s$s $(rung_flags $r) > logs/ladder-r$r-s$s.log 2>&1"
   done; done | xargs -P "$JOBS" -I{} sh -c '{}' ;;
 evaluate)
   for r in $RUNGS; do for s in $SEEDS; do
-    c=runs/ladder/r$(train_of $r)-s$s/checkpoint.pt; o=$OUT/r${r}_s$s; P="python plan.py --threads 1 --seed 1000 --checkpoint $c $(plan_flags $r)"
+    c=runs/ladder/r$(train_of $r)-s$s/checkpoint.pt; o=$OUT/r${r}_s$s; P="python plan.py --fast --threads 1 --seed 1000 --checkpoint $c $(plan_flags $r)"
     [ -f "$c" ] || continue
     # rung 3 plans with rung 2's checkpoints: its transformer alone is rung 2's (noise is a refinement setting)
     [ "$r" = 3 ] || ! has transformer || [ -f ${o}_transformer.json ] || echo "$P --planner transformer --episodes $EP --batch-envs $EP --json ${o}_transformer.json"

@@ -19,8 +19,8 @@ cd "$(dirname "$0")/../.."
 ROOT=$PWD; OUT=${OUT:-results/diffusion}; EP=${EP:-20}; DEP=${DEP:-10}; SWEEP_EP=${SWEEP_EP:-5}; JOBS=${JOBS:-2}
 DATASETS=${DATASETS:-"halfcheetah-medium-replay-sb3 halfcheetah-medium-sb3"}
 mkdir -p "$OUT" logs
-T="python train.py --threads 1 --eval-episodes 0"
-P="python plan.py --threads 1 --seed 1000"
+T="python train.py --fast --threads 1 --eval-episodes 0"
+P="python plan.py --fast --threads 1 --seed 1000"
 run_jobs() { if [ -n "${PRINT:-}" ]; then cat; else xargs -P "$JOBS" -I{} sh -c '{}'; fi; }  # PRINT=1: list only
 log() { echo "logs/scores-$(echo -n "$1" | tr -c 'a-z0-9-' _ | tail -c 60).log"; }
 RP=halfcheetah-medium-replay-sb3

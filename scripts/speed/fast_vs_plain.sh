@@ -10,6 +10,7 @@ case "${1:-}" in -h|--help) sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"; exit 0 ;; es
 cd "$(dirname "$0")/../.."
 TMP=${TMP:-/tmp/td_fast_vs_plain}; THREADS=${THREADS:-2}
 CPU=$(lscpu | sed -n 's/^Model name:[[:space:]]*//p' | head -1); [ -n "$CPU" ] || CPU=$(uname -m)
+CPU="$CPU (family $(lscpu | sed -n 's/^CPU family:[[:space:]]*//p' | head -1), model $(lscpu | sed -n 's/^Model:[[:space:]]*//p' | head -1))"
 TAG=$(echo "$CPU" | awk '{print tolower($1)}')
 OUT=${OUT:-results/speed/fast_vs_plain_${TAG}.json}
 echo "CPU: $CPU ($(nproc) cores available, $THREADS threads); load before: $(cut -d' ' -f1-3 /proc/loadavg)"
