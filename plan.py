@@ -279,8 +279,8 @@ def add_planner_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reduced-precision", action="store_true",
                    help="opt-in: bf16 inside oneDNN's CPU products where the CPU has bf16 units, TF32 on CUDA "
                         "(default: strict fp32; machine.set_matmul_precision)")
-    p.add_argument("--fast", action=argparse.BooleanOptionalAction, default=False, help="opt-in CPU speed paths (fast.py): the same functions as the "
-                                                       "plain modules, not bit-equal")
+    p.add_argument("--fast", action=argparse.BooleanOptionalAction, default=False,
+                   help="opt-in CPU speed paths (fast.py): the same functions as the plain modules, not bit-equal")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
 
 

@@ -415,6 +415,18 @@ def draw_figure(uncond, cond, out):
         ax.set_xlabel("frequency (cycles over the trajectory)", fontsize=8)
         ax.set_title("mean |FFT|", fontsize=9)
 
+    def draw_rows(row, cur, panels, label, asked_of=None):
+        """Two rows of panels: the trajectories (row) and their spectra (row + 1), one column per (key, title)."""
+        for col, (key, title) in enumerate(panels):
+            if key not in cur:
+                axes[row, col].axis("off")
+                axes[row + 1, col].axis("off")
+                continue
+            traj_panel(axes[row, col], cur[key], title, asked_of[key] if asked_of else None)
+            spec_panel(axes[row + 1, col], cur[key])
+        axes[row, 0].legend(fontsize=7, loc="lower left")
+        axes[row, 0].set_ylabel(f"{label}\ny", fontsize=9)
+
     row = 0
     if uncond is not None:
         cur = uncond["curves"]
@@ -422,15 +434,7 @@ def draw_figure(uncond, cond, out):
                   ("refine k=20 (no noise)", "refined k=20, no noise first\n(official)"),
                   ("refine k=20 (noise first)", "refined k=20, noise first\n(ours)"),
                   ("from noise a=1", "diffusion from noise, $\\alpha$=1")]
-        for col, (key, title) in enumerate(panels):
-            if key not in cur:
-                axes[row, col].axis("off")
-                axes[row + 1, col].axis("off")
-                continue
-            traj_panel(axes[row, col], cur[key], title)
-            spec_panel(axes[row + 1, col], cur[key])
-        axes[row, 0].legend(fontsize=7, loc="lower left")
-        axes[row, 0].set_ylabel(f"unconditioned (seed {uncond['config']['seed']})\ny", fontsize=9)
+        draw_rows(row, cur, panels, f"unconditioned (seed {uncond['config']['seed']})")
         row += 2
     if cond is not None:
         cur = cond["curves"]
@@ -439,15 +443,7 @@ def draw_figure(uncond, cond, out):
                   ("refine k=20 (noise first) R=1 w=2", "R=0 plan refined toward R=1\nk=20, w=2"),
                   ("refine k=40 (noise first) R=1 w=2", "R=0 plan refined toward R=1\nk=40, w=2"),
                   ("transformer R=1", "Transformer asked R=1")]
-        for col, (key, title) in enumerate(panels):
-            if key not in cur:
-                axes[row, col].axis("off")
-                axes[row + 1, col].axis("off")
-                continue
-            traj_panel(axes[row, col], cur[key], title, asked_of[key])
-            spec_panel(axes[row + 1, col], cur[key])
-        axes[row, 0].legend(fontsize=7, loc="lower left")
-        axes[row, 0].set_ylabel(f"return-conditioned (seed {cond['config']['seed']})\ny", fontsize=9)
+        draw_rows(row, cur, panels, f"return-conditioned (seed {cond['config']['seed']})", asked_of)
         refine = [r for r in cond["rows"] if r["planner"] == "refine"]
         ks = sorted({r["k"] for r in refine})
         ws = sorted({r["w"] for r in refine})
